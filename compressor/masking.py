@@ -46,6 +46,13 @@ def original_weight(module: nn.Module, name: str) -> torch.Tensor:
     return module.parametrizations[name].original
 
 
-def bake_mask(module: nn.Module, name: str) -> None:
-    """Replace the parametrized ``module.<name>`` by a plain parameter holding ``original ⊙ mask``."""
+def bake_mask(module: nn.Module, name: str, parameter_order: list[str]) -> None:
+    """Replace the parametrized ``module.<name>`` by a plain parameter holding ``original ⊙ mask``.
+
+    ``parameter_order`` is ``list(module._parameters)`` from before the mask was attached: the
+    parameters are put back in that order, so ``state_dict`` keys come out as they went in."""
     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    if set(parameter_order) == set(module._parameters):
+        reordered = {key: module._parameters[key] for key in parameter_order}
+        module._parameters.clear()
+        module._parameters.update(reordered)

@@ -72,6 +72,9 @@ class PruneGroup:
             raise ValueError(f"ranking={self.ranking!r}: use 'layer' or 'global'")
         if self.final_sparsity is not None and not 0.0 <= self.final_sparsity < 1.0:
             raise ValueError(f"final_sparsity={self.final_sparsity} is outside [0, 1)")
+        if self.schedule.kind != "threshold" and (self.q is not None or self.final_sparsity is not None):
+            raise ValueError("q and final_sparsity apply to threshold schedules only; "
+                             f"{type(self.schedule).__name__} already sets the sparsity")
 
 
 @dataclass
@@ -105,6 +108,7 @@ class MagnitudePruner:
         self.itr = 0
         self.q: dict[str, float] = {}
         self._units: list[_Unit] = []
+        self._parameter_order: dict[str, list[str]] = {}
         self._model: nn.Module | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -116,6 +120,7 @@ class MagnitudePruner:
         if self._model is not None:
             raise RuntimeError("this pruner is already prepared; create a new one for another model")
         taken: set[str] = set()
+        self._parameter_order = {name: list(module._parameters) for name, module in model.named_modules()}
         for index, group in enumerate(self.groups):
             refs = [ref for ref in iter_prunable_weights(model, group.types, group.include, group.exclude)
                     if ref.name not in taken]
@@ -144,11 +149,11 @@ class MagnitudePruner:
         Returns True if any mask changed."""
         self._require_prepared()
         self.itr += 1
+        due = [unit for unit in self._units if unit.group.schedule.is_update_step(self.itr)]
         changed = False
-        for unit in self._units:
-            if unit.group.schedule.is_update_step(self.itr):
-                changed |= self._update_unit(unit)
-        if changed:
+        for unit in due:
+            changed |= self._update_unit(unit)
+        if due:  # decided by itr alone, so every rank takes part in the broadcast
             self._broadcast_masks()
         return changed
 
@@ -233,7 +238,7 @@ class MagnitudePruner:
         equal the masked model's."""
         model = self._require_prepared()
         for ref in self.weights:
-            bake_mask(ref.module, ref.attr)
+            bake_mask(ref.module, ref.attr, self._parameter_order[ref.module_name])
         self._units, self._model = [], None
         return model
 
