@@ -11,6 +11,7 @@ from torch import nn
 from .blocks import BlockShape, block_mask_of
 from .masking import find_mask
 from .selection import PRUNABLE_TYPES, iter_prunable_weights
+from .texttable import format_table
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,10 @@ def sparsity_report(
 
 def format_report(rows: list[LayerSparsity]) -> str:
     """The report as a fixed-width text table with a total line."""
-    header = ("layer", "shape", "pruned / total", "sparsity", "block")
-    body = [(r.name, "x".join(map(str, r.shape)), f"{r.pruned:,} / {r.total:,}", f"{r.sparsity:7.2%}", r.block)
-            for r in rows]
     pruned, total = sum(r.pruned for r in rows), sum(r.total for r in rows)
-    body.append(("TOTAL", "", f"{pruned:,} / {total:,}", f"{(pruned / total if total else 0):7.2%}", ""))
-    widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.insert(len(lines) - 1, lines[1])
-    return "\n".join(lines)
+    return format_table(
+        ("layer", "shape", "pruned / total", "sparsity", "block", "blocks pruned"),
+        [(r.name, "x".join(map(str, r.shape)), f"{r.pruned:,} / {r.total:,}", f"{r.sparsity:7.2%}", r.block,
+          f"{r.blocks_pruned:,} / {r.blocks_total:,}") for r in rows],
+        total=("TOTAL", "", f"{pruned:,} / {total:,}", f"{(pruned / total if total else 0):7.2%}", "", ""),
+    )

@@ -1,0 +1,105 @@
+"""``PackedModel``: the hand-off from ``compressor`` to ``exporters``.
+
+A packed model is the (pruned, finalized) ``nn.Module`` — for its structure, biases and any
+layer left alone — plus one :class:`~compressor.packing.PackedWeight` per packed weight, keyed
+by parameter name.  :func:`pack_model` builds it; the format and block of each weight are
+chosen by :func:`choose_packing` (smallest by default) unless the config forces them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from .blocks import BlockShape
+from .packing import Format, PackedWeight, ValueType, pack
+from .selection import DEFAULT_TYPES, WeightRef, iter_prunable_weights
+
+DEFAULT_BLOCKS: tuple[BlockShape, ...] = (BlockShape(4, 4), BlockShape(8, 8), BlockShape(16, 1), BlockShape(1, 16))
+
+#: A cost of a packed weight; the chooser picks the candidate with the lowest cost.
+PackingCost = Callable[[str, PackedWeight], float]
+
+
+def size_cost(name: str, packed: PackedWeight) -> float:
+    """The default cost: stored bytes."""
+    return float(packed.nbytes)
+
+
+@dataclass(frozen=True)
+class PackingConfig:
+    """How weights are packed.
+
+    ``format``: "auto" lets :func:`choose_packing` pick among dense, CSR and BSR with each of
+    ``blocks``; "dense", "csr" or "bsr" forces one (for "bsr", ``block`` must be given).
+    ``dtype``: "fp32" or "int8" (symmetric per-output-channel, only the stored values).
+    ``types`` / ``filter_fn``: which prunable weights are packed (``filter_fn(name, module)``
+    returns True to pack; like torchao's ``quantize_`` filter)."""
+
+    format: Format | str = "auto"
+    block: BlockShape | None = None
+    blocks: tuple[BlockShape, ...] = DEFAULT_BLOCKS
+    dtype: ValueType = "fp32"
+    types: tuple[type[nn.Module], ...] = DEFAULT_TYPES
+    filter_fn: Callable[[str, nn.Module], bool] | None = None
+    cost: PackingCost = size_cost
+
+    def __post_init__(self) -> None:
+        if self.format not in ("auto", "dense", "csr", "bsr"):
+            raise ValueError(f"format={self.format!r}: use auto, dense, csr or bsr")
+        if self.format == "bsr" and self.block is None:
+            raise ValueError("format='bsr' needs a block shape, for example block=BlockShape(16, 1)")
+        if self.dtype not in ("fp32", "int8"):
+            raise ValueError(f"dtype={self.dtype!r}: use fp32 or int8")
+
+
+def candidates(weight: np.ndarray, config: PackingConfig) -> list[PackedWeight]:
+    """Every packing the config allows for one weight."""
+    if config.format == "dense":
+        return [pack(weight, "dense", dtype=config.dtype)]
+    if config.format == "csr":
+        return [pack(weight, "csr", dtype=config.dtype)]
+    if config.format == "bsr" or config.block is not None:
+        return [pack(weight, "bsr", config.block, config.dtype)]
+    return [pack(weight, "dense", dtype=config.dtype), pack(weight, "csr", dtype=config.dtype),
+            *(pack(weight, "bsr", block, config.dtype) for block in config.blocks)]
+
+
+def choose_packing(name: str, weight: np.ndarray, config: PackingConfig) -> PackedWeight:
+    """The candidate with the lowest ``config.cost`` (ties go to the earlier: dense, CSR, BSR)."""
+    options = candidates(weight, config)
+    return min(options, key=lambda packed: config.cost(name, packed))
+
+
+@dataclass
+class PackedModel:
+    """A module plus the packed form of its pruned weights (by parameter name)."""
+
+    module: nn.Module
+    weights: dict[str, PackedWeight] = field(default_factory=dict)
+
+    def size_report(self) -> "SizeReport":
+        from .size import size_report
+
+        return size_report(self)
+
+
+def _selected(model: nn.Module, config: PackingConfig) -> list[WeightRef]:
+    refs = list(iter_prunable_weights(model, config.types))
+    if config.filter_fn is not None:
+        refs = [ref for ref in refs if config.filter_fn(ref.name, ref.module)]
+    return refs
+
+
+def pack_model(model: nn.Module, config: PackingConfig = PackingConfig()) -> PackedModel:
+    """Pack the selected weights of a pruned, finalized model (zeros are what is left out)."""
+    if any(hasattr(module, "parametrizations") for module in model.modules()):
+        raise ValueError("the model still has pruning masks attached: call pruner.finalize() before packing")
+    weights = {}
+    for ref in _selected(model, config):
+        weight = getattr(ref.module, ref.attr).detach().cpu().float().numpy()
+        weights[ref.name] = choose_packing(ref.name, weight, config)
+    return PackedModel(model, weights)

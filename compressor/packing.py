@@ -1,0 +1,176 @@
+"""Packed weights: CSR and block-sparse (BSR) storage with fp32 or int8 values.
+
+A weight is viewed as the matrix ``[shape[0], prod(shape[1:])]`` (see
+:func:`compressor.blocks.as_matrix`).  BSR with an r×c block (``scipy.sparse.bsr_matrix``
+layout) keeps every block that holds a non-zero::
+
+    indptr[block_rows + 1]      indptr[i]..indptr[i+1] are the stored blocks of block row i
+    indices[nnz_blocks]         their block-column numbers
+    values[nnz_blocks, r, c]    their values (zeros inside a stored block are kept)
+
+CSR is BSR with a 1×1 block and ``values[nnz]``.  Two more encodings serve the exporters:
+COO (``row[nnz]``, ``col[nnz]``, ``values[nnz]``; ONNX ``sparse_initializer``) and bit-mask
+(``mask``: one bit per element — or per block — packed little-endian with ``np.packbits``, then
+the stored values in row-major order; rebuilt in ONNX graphs with standard ops).  Edges that a block does not divide are padded
+with zeros inside the stored blocks and cropped on unpacking, so every round trip is exact.
+Index arrays use the smallest integer type that holds their largest value (uint8, uint16,
+int32).  int8 packing stores ``values`` as int8 plus one float32 ``scales`` entry per matrix row
+(:mod:`compressor.quantize`); only the stored values are quantized.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from .blocks import BlockShape
+from .quantize import quant_error, QuantError, quantize_rows, row_scales
+
+Format = Literal["dense", "csr", "bsr", "coo", "bitmask"]
+FORMATS: tuple[str, ...] = ("dense", "csr", "bsr", "coo", "bitmask")
+ValueType = Literal["fp32", "int8"]
+
+
+def index_dtype(max_value: int) -> np.dtype:
+    """Smallest of uint8 / uint16 / int32 that holds ``max_value``."""
+    for dtype in (np.uint8, np.uint16):
+        if max_value <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    if max_value > np.iinfo(np.int32).max:
+        raise ValueError(f"index {max_value} does not fit in int32")
+    return np.dtype(np.int32)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view of a weight shape: ``[shape[0], prod(shape[1:])]``."""
+    return (shape[0], math.prod(shape[1:])) if len(shape) > 1 else (1, shape[0])
+
+
+@dataclass
+class PackedWeight:
+    """One weight tensor in packed form.
+
+    ``arrays`` holds exactly what is stored: ``values`` (and ``scales`` for int8) for every
+    format, plus ``indptr``/``indices`` (CSR, BSR), ``row``/``col`` (COO) or ``mask``
+    (bit-mask).  :attr:`nbytes` is their total size."""
+
+    shape: tuple[int, ...]
+    format: Format
+    dtype: ValueType
+    block: BlockShape = field(default_factory=BlockShape)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return matrix_shape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every stored array (values, indices, index pointers, masks, scales)."""
+        return sum(int(a.nbytes) for a in self.arrays.values())
+
+    @property
+    def nnz(self) -> int:
+        """Stored values (including explicit zeros inside stored blocks)."""
+        return int(self.arrays["values"].size)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def block_coords(self) -> tuple[np.ndarray, np.ndarray]:
+        """Block-row and block-column numbers of the stored blocks, in storage order."""
+        a = self.arrays
+        if self.format in ("csr", "bsr"):
+            indptr = a["indptr"].astype(np.int64)
+            return np.repeat(np.arange(len(indptr) - 1), np.diff(indptr)), a["indices"].astype(np.int64)
+        if self.format == "coo":
+            return a["row"].astype(np.int64), a["col"].astype(np.int64)
+        if self.format == "bitmask":
+            n_br, n_bc = self.block.grid(self.matrix_shape)
+            bits = np.unpackbits(a["mask"], count=n_br * n_bc, bitorder="little")
+            return np.nonzero(bits.reshape(n_br, n_bc))
+        rows, cols = self.matrix_shape
+        return np.repeat(np.arange(rows), cols), np.tile(np.arange(cols), rows)
+
+    def value_rows(self) -> np.ndarray:
+        """Matrix row of every stored value, shaped like ``values`` (padding rows clipped)."""
+        if self.format == "dense":
+            return np.arange(self.shape[0])[:, None] + np.zeros((1, self.matrix_shape[1]), np.int64)
+        r, c = self.block.rows, self.block.cols
+        block_row, _ = self.block_coords()
+        rows = block_row[:, None, None] * r + np.arange(r)[None, :, None] + np.zeros((1, 1, c), np.int64)
+        return np.minimum(rows, self.matrix_shape[0] - 1).reshape(self.arrays["values"].shape)
+
+    def float_values(self) -> np.ndarray:
+        """Stored values as float32, dequantized for int8 (same layout as ``values``)."""
+        values = self.arrays["values"]
+        if self.dtype == "fp32":
+            return values
+        return (values.astype(np.float32) * self.arrays["scales"][self.value_rows()]).astype(np.float32)
+
+    def to_dense(self) -> np.ndarray:
+        """The float32 weight of ``shape`` (dequantized for int8)."""
+        values = self.float_values()
+        if self.format == "dense":
+            return values.reshape(self.shape).copy()
+        rows, cols = self.matrix_shape
+        r, c = self.block.rows, self.block.cols
+        n_br, n_bc = self.block.grid((rows, cols))
+        padded = np.zeros((n_br, n_bc, r, c), np.float32)
+        padded[self.block_coords()] = values.reshape(-1, r, c)
+        matrix = padded.transpose(0, 2, 1, 3).reshape(n_br * r, n_bc * c)[:rows, :cols]
+        return np.ascontiguousarray(matrix).reshape(self.shape)
+
+    def quant_error(self, name: str, reference: np.ndarray) -> QuantError:
+        """Error of :meth:`to_dense` against the fp32 ``reference`` weight."""
+        return quant_error(name, reference, self.to_dense())
+
+
+def pack(weight: np.ndarray, fmt: Format, block: BlockShape = BlockShape(), dtype: ValueType = "fp32") -> PackedWeight:
+    """Pack ``weight`` (any shape; zeros are what is left out) in ``fmt``.
+
+    ``block`` applies to "bsr" and "bitmask" (one bit per block); "csr" and "coo" are
+    element-wise.  ``dtype="int8"`` quantizes the stored values per matrix row."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if dtype not in ("fp32", "int8"):
+        raise ValueError(f"unknown value type {dtype!r}: use fp32 or int8")
+    weight = np.asarray(weight, np.float32)
+    matrix = weight.reshape(matrix_shape(weight.shape))
+    if fmt in ("csr", "coo", "dense"):
+        block = BlockShape()
+    packed = PackedWeight(tuple(weight.shape), fmt, dtype, block, _encode(matrix, fmt, block))
+    if dtype == "int8":
+        scales = row_scales(matrix)
+        packed.arrays["values"] = quantize_rows(packed.arrays["values"], packed.value_rows(), scales)
+        packed.arrays["scales"] = scales
+    return packed
+
+
+def _encode(matrix: np.ndarray, fmt: Format, block: BlockShape) -> dict[str, np.ndarray]:
+    """fp32 arrays of ``fmt`` for a 2-D matrix."""
+    if fmt == "dense":
+        return {"values": matrix.copy()}
+    rows, cols = matrix.shape
+    r, c = block.rows, block.cols
+    n_br, n_bc = block.grid((rows, cols))
+    padded = np.zeros((n_br * r, n_bc * c), np.float32)
+    padded[:rows, :cols] = matrix
+    tiles = padded.reshape(n_br, r, n_bc, c).transpose(0, 2, 1, 3)  # [n_br, n_bc, r, c]
+    kept = np.any(tiles != 0, axis=(2, 3))
+    block_row, block_col = np.nonzero(kept)  # row-major: by block row, then block column
+    values = tiles[block_row, block_col]
+    if block.is_unstructured:
+        values = values.reshape(-1)
+    if fmt == "coo":
+        return {"row": block_row.astype(index_dtype(max(rows - 1, 0))),
+                "col": block_col.astype(index_dtype(max(cols - 1, 0))), "values": values}
+    if fmt == "bitmask":
+        return {"mask": np.packbits(kept.reshape(-1), bitorder="little"), "values": values}
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(block_row, minlength=n_br))])
+    return {"indptr": indptr.astype(index_dtype(int(indptr[-1]))),
+            "indices": block_col.astype(index_dtype(max(n_bc - 1, 0))), "values": values}
