@@ -15,7 +15,7 @@ import numpy as np
 from torch import nn
 
 from .blocks import BlockShape
-from .packing import Format, PackedWeight, ValueType, pack
+from .packing import FORMATS, Format, PackedWeight, ValueType, pack
 from .selection import DEFAULT_TYPES, WeightRef, iter_prunable_weights
 
 DEFAULT_BLOCKS: tuple[BlockShape, ...] = (BlockShape(4, 4), BlockShape(8, 8), BlockShape(16, 1), BlockShape(1, 16))
@@ -34,7 +34,9 @@ class PackingConfig:
     """How weights are packed.
 
     ``format``: "auto" lets :func:`choose_packing` pick among dense, CSR and BSR with each of
-    ``blocks``; "dense", "csr" or "bsr" forces one (for "bsr", ``block`` must be given).
+    ``blocks`` (or BSR with ``block`` if one is given); any format of
+    :data:`~compressor.packing.FORMATS` forces it (for "bsr", ``block`` must be given; for
+    "bitmask" it is optional: one bit per block).
     ``dtype``: "fp32" or "int8" (symmetric per-output-channel, only the stored values).
     ``types`` / ``filter_fn``: which prunable weights are packed (``filter_fn(name, module)``
     returns True to pack; like torchao's ``quantize_`` filter)."""
@@ -48,8 +50,8 @@ class PackingConfig:
     cost: PackingCost = size_cost
 
     def __post_init__(self) -> None:
-        if self.format not in ("auto", "dense", "csr", "bsr"):
-            raise ValueError(f"format={self.format!r}: use auto, dense, csr or bsr")
+        if self.format != "auto" and self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r}: use auto or one of {', '.join(FORMATS)}")
         if self.format == "bsr" and self.block is None:
             raise ValueError("format='bsr' needs a block shape, for example block=BlockShape(16, 1)")
         if self.dtype not in ("fp32", "int8"):
@@ -58,11 +60,9 @@ class PackingConfig:
 
 def candidates(weight: np.ndarray, config: PackingConfig) -> list[PackedWeight]:
     """Every packing the config allows for one weight."""
-    if config.format == "dense":
-        return [pack(weight, "dense", dtype=config.dtype)]
-    if config.format == "csr":
-        return [pack(weight, "csr", dtype=config.dtype)]
-    if config.format == "bsr" or config.block is not None:
+    if config.format != "auto":
+        return [pack(weight, config.format, config.block or BlockShape(), config.dtype)]
+    if config.block is not None:
         return [pack(weight, "bsr", config.block, config.dtype)]
     return [pack(weight, "dense", dtype=config.dtype), pack(weight, "csr", dtype=config.dtype),
             *(pack(weight, "bsr", block, config.dtype) for block in config.blocks)]

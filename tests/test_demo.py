@@ -21,12 +21,16 @@ def test_demo_prunes_to_the_requested_sparsity_and_learns():
     narang = {r.name: r.sparsity for r in result.reports["gradual, threshold (Narang)"]}
     assert 0.5 < narang["rnn.weight_hh_l0"] <= 0.9
     assert all(v == v and v < 1.0 for v in result.mse.values())  # finite
+    narang_mse = result.mse["gradual, threshold (Narang)"]
+    assert result.packed_mse["packed fp32"] == pytest.approx(narang_mse, rel=1e-4)
+    assert result.packed_mse["packed int8, int8 activations"] == pytest.approx(narang_mse, rel=0.2, abs=2e-3)
+    assert result.sizes["int8"].total_bytes < result.sizes["fp32"].total_bytes < result.sizes["fp32"].dense_fp32_bytes
 
 
 def test_cli_demo_prints_tables():
     out = CliRunner().invoke(main, ["demo", "--dense-steps", "30", "--prune-steps", "40", "--sparsity", "0.5"])
     assert out.exit_code == 0, out.output
-    assert out.output.count("TOTAL") == 3 and "held-out mean squared error" in out.output
+    assert out.output.count("TOTAL") == 4 and "held-out mean squared error" in out.output
 
 
 @pytest.mark.parametrize("args", [["--sparsity", "1.0"], ["--prune-steps", "5"]])
