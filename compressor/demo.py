@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .packed_model import PackingConfig, pack_model
 from .pruner import MagnitudePruner, PruneGroup
+from .quantize import QuantError, format_quant_errors
 from .report import LayerSparsity, format_report, sparsity_report
 from .schedules import CubicSchedule, OneShot, PruningSchedule, ThresholdSchedule
 from .selection import LINEAR_TYPES, RECURRENT_TYPES
@@ -35,6 +36,7 @@ class DemoResult:
     reports: dict[str, list[LayerSparsity]]
     sizes: dict[str, SizeReport]
     packed_mse: dict[str, float]
+    quant_errors: list[QuantError]
 
 
 def train(model: nn.Module, task: AddingProblem, steps: int, seed: int,
@@ -90,8 +92,8 @@ def run_pruning_demo(sparsity: float = 0.9, dense_steps: int = 1500, prune_steps
         mse[label] = mean_squared_error(model, eval_data)
         reports[label] = sparsity_report(model)
         if label == PACKED_FROM:
-            sizes, packed_mse = pack_and_check(model, eval_data)
-    return DemoResult(sparsity, mean_squared_error(dense, eval_data), mse, reports, sizes, packed_mse)
+            sizes, packed_mse, quant_errors = pack_and_check(model, eval_data)
+    return DemoResult(sparsity, mean_squared_error(dense, eval_data), mse, reports, sizes, packed_mse, quant_errors)
 
 
 def pack_and_check(model: nn.Module, eval_data: tuple[torch.Tensor, torch.Tensor]):
@@ -105,7 +107,7 @@ def pack_and_check(model: nn.Module, eval_data: tuple[torch.Tensor, torch.Tensor
         "packed int8, weight-only": mean_squared_error(swap_sparse_modules(int8), eval_data),
         "packed int8, int8 activations": mean_squared_error(swap_sparse_modules(int8, "int8"), eval_data),
     }
-    return sizes, packed_mse
+    return sizes, packed_mse, int8.quant_errors()
 
 
 def format_demo(result: DemoResult) -> str:
@@ -114,7 +116,8 @@ def format_demo(result: DemoResult) -> str:
     for label, rows in result.reports.items():
         lines += [f"Per-layer sparsity, {label}:", format_report(rows), ""]
     lines += [f"Packed int8 ({PACKED_FROM}; format and block per layer chosen by size):",
-              format_size_report(result.sizes["int8"]), ""]
+              format_size_report(result.sizes["int8"]), "", "int8 weight error (symmetric, per output channel):",
+              format_quant_errors(result.quant_errors), ""]
     lines.append(f"Adding problem, held-out mean squared error (predicting the mean gives {BASELINE_MSE:.3f}); "
                  f"requested sparsity {result.sparsity:.0%} of the pruned layers:")
     lines.append(f"  {'dense':32s} {result.dense_mse:.5f}")

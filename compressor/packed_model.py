@@ -16,6 +16,7 @@ from torch import nn
 
 from .blocks import BlockShape
 from .packing import FORMATS, Format, PackedWeight, ValueType, pack
+from .quantize import QuantError
 from .selection import DEFAULT_TYPES, WeightRef, iter_prunable_weights
 
 DEFAULT_BLOCKS: tuple[BlockShape, ...] = (BlockShape(4, 4), BlockShape(8, 8), BlockShape(16, 1), BlockShape(1, 16))
@@ -85,6 +86,12 @@ class PackedModel:
         from .size import size_report
 
         return size_report(self)
+
+    def quant_errors(self) -> list[QuantError]:
+        """Per-layer error of every int8 weight against the module's fp32 weight."""
+        params = dict(self.module.named_parameters())
+        return [weight.quant_error(name, params[name].detach().cpu().float().numpy())
+                for name, weight in self.weights.items() if weight.dtype == "int8"]
 
 
 def _selected(model: nn.Module, config: PackingConfig) -> list[WeightRef]:

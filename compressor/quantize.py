@@ -44,3 +44,11 @@ def quant_error(name: str, reference: np.ndarray, dequantized: np.ndarray) -> Qu
     diff = reference.astype(np.float64) - dequantized.astype(np.float64)
     norm = float(np.linalg.norm(reference.astype(np.float64)))
     return QuantError(name, float(np.abs(diff).max(initial=0.0)), float(np.linalg.norm(diff)) / norm if norm else 0.0)
+
+
+def format_quant_errors(errors: list[QuantError]) -> str:
+    """Per-layer int8 error table."""
+    from .texttable import format_table
+
+    return format_table(("layer", "max |w - w_int8|", "relative L2 error"),
+                        [(e.name, f"{e.max_abs:.3e}", f"{e.relative:.3e}") for e in errors])

@@ -122,6 +122,14 @@ def test_size_report_counts_every_array_and_every_other_tensor():
                                           for t in state.values())
     assert report.total_bytes == report.packed_bytes + report.other_bytes
     assert report.compression > 4  # 90 % sparse int8
+    errors = {e.name: e for e in packed.quant_errors()}
+    assert errors.keys() == packed.weights.keys()
+    for name, weight in packed.weights.items():
+        reference = model.get_parameter(name).detach().numpy()
+        diff = np.abs(reference - weight.to_dense())
+        assert errors[name].max_abs == pytest.approx(float(diff.max()))
+        assert errors[name].relative == pytest.approx(float(np.linalg.norm(diff) / np.linalg.norm(reference)), rel=1e-6)
+        assert 0 < errors[name].relative < 0.02
     assert report.as_dict()["total_bytes"] == report.total_bytes
 
 
