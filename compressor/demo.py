@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .packed_model import PackingConfig, pack_model
 from .pruner import MagnitudePruner, PruneGroup
@@ -22,6 +21,7 @@ from .schedules import CubicSchedule, OneShot, PruningSchedule, ThresholdSchedul
 from .selection import LINEAR_TYPES, RECURRENT_TYPES
 from .size import SizeReport, format_bytes, format_size_report
 from .sparse_modules import swap_sparse_modules
+from .training import TrainConfig, train
 from .tasks.adding import BASELINE_MSE, AddingGRU, AddingProblem, mean_squared_error
 
 
@@ -37,22 +37,6 @@ class DemoResult:
     sizes: dict[str, SizeReport]
     packed_mse: dict[str, float]
     quant_errors: list[QuantError]
-
-
-def train(model: nn.Module, task: AddingProblem, steps: int, seed: int,
-          pruner: MagnitudePruner | None = None, desc: str = "train", progress: bool = True) -> None:
-    """Adam on the adding problem; ``pruner.step()`` after every optimizer step."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        x, y = task.batch(generator)
-        loss = torch.mean((model(x) - y) ** 2)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if pruner is not None:
-            pruner.step()
 
 
 def paper_groups(schedule: PruningSchedule, final_sparsity: float | None) -> list[PruneGroup]:
@@ -72,7 +56,7 @@ def run_pruning_demo(sparsity: float = 0.9, dense_steps: int = 1500, prune_steps
     task = AddingProblem()
     eval_data = task.eval_set()
     dense = AddingGRU(hidden)
-    train(dense, task, dense_steps, seed, desc="dense training", progress=progress)
+    train(dense, task, TrainConfig(dense_steps, lr=2e-3, seed=seed), progress=progress, desc="dense training")
 
     end = int(prune_steps * 0.75)
     schedules: dict[str, tuple[PruningSchedule, float | None]] = {
@@ -87,7 +71,7 @@ def run_pruning_demo(sparsity: float = 0.9, dense_steps: int = 1500, prune_steps
         model = copy.deepcopy(dense)
         pruner = MagnitudePruner(paper_groups(schedule, final_sparsity))
         pruner.prepare(model)
-        train(model, task, prune_steps, seed + 1, pruner, desc=label, progress=progress)
+        train(model, task, TrainConfig(prune_steps, lr=2e-3, seed=seed + 1), pruner, progress=progress, desc=label)
         model = pruner.finalize()
         mse[label] = mean_squared_error(model, eval_data)
         reports[label] = sparsity_report(model)

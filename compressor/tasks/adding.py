@@ -9,6 +9,7 @@ generated from a seed, so every split is reproducible and nothing is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,25 @@ BASELINE_MSE = 1.0 / 6.0
 
 @dataclass(frozen=True)
 class AddingProblem:
-    """Batches of the adding problem; ``batch(generator)`` returns ``(x[b, length, 2], y[b])``."""
+    """The adding problem as a :class:`~compressor.tasks.base.Task`;
+    ``batch(generator)`` returns ``(x[b, length, 2], y[b])``."""
 
     length: int = 30
     batch_size: int = 64
+    name: str = "adding"
+    metric: str = "mse"
+    higher_is_better: bool = False
+
+    def batches(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.batch(generator)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return torch.mean((model(x) - y) ** 2)
+
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        return {"mse": mean_squared_error(model, self.eval_set())}
 
     def batch(self, generator: torch.Generator, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         n = batch_size or self.batch_size

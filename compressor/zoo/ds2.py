@@ -6,9 +6,11 @@ bidirectional recurrent layers of ``hidden`` units → fully connected ``hidden 
 output ``n_classes`` (29 characters with the CTC blank).
 
 As in DS2, the input weight of a bidirectional layer is shared by both directions
-(``W_ih·x_t`` is computed once) and the outputs of the two directions are summed.  Every weight
-is an ``nn.Linear``, so the pruner, packer and sparse reference modules apply without special
-cases.  With ``n_freq=161``, ``hidden=1760``, ``layers=7`` and ReLU cells the model has
+(``W_ih·x_t`` is computed once) and the outputs of the two directions are summed
+(:class:`SharedInputBiRecurrent`; every weight an ``nn.Linear``).  With ``shared_input=False``
+each layer is a standard bidirectional ``nn.GRU`` / ``nn.RNN`` (ReLU) with the directions
+summed (:class:`SummedBiRecurrent`): twice the input weights, but PyTorch's fused recurrent
+kernels (about 2x faster training on CPU) and one GRU/RNN operator in ONNX.  With ``n_freq=161``, ``hidden=1760``, ``layers=7`` and ReLU cells the model has
 67,699,677 parameters: 270.8 MB in fp32 (the paper: 268 MB).
 """
 
@@ -22,7 +24,7 @@ from torch import nn
 Cell = Literal["rnn", "gru"]
 
 #: Regular expression selecting the recurrent weights (input and hidden-to-hidden) for a PruneGroup.
-RECURRENT_WEIGHTS = r"^rnns\.\d+\.(input|forward_hh|backward_hh)\.weight$"
+RECURRENT_WEIGHTS = r"^rnns\.\d+\.(input\.weight|forward_hh\.weight|backward_hh\.weight|rnn\.weight_(ih|hh)_l0(_reverse)?)$"
 
 
 def clipped_relu(x: torch.Tensor) -> torch.Tensor:
@@ -74,12 +76,31 @@ class SharedInputBiRecurrent(nn.Module):
         return torch.stack(forward_out) + torch.stack(backward_out[::-1])
 
 
+class SummedBiRecurrent(nn.Module):
+    """A standard bidirectional ``nn.GRU`` / ``nn.RNN`` (ReLU) whose two directions are summed."""
+
+    def __init__(self, input_size: int, hidden_size: int, cell: Cell = "rnn") -> None:
+        super().__init__()
+        if cell == "gru":
+            self.rnn: nn.RNNBase = nn.GRU(input_size, hidden_size, bidirectional=True)
+        elif cell == "rnn":
+            self.rnn = nn.RNN(input_size, hidden_size, nonlinearity="relu", bidirectional=True)
+        else:
+            raise ValueError(f"cell={cell!r}: use 'rnn' or 'gru'")
+        self.hidden_size = hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[time, batch, input_size]`` → ``[time, batch, hidden_size]``."""
+        out, _ = self.rnn(x)
+        return out.view(x.shape[0], x.shape[1], 2, self.hidden_size).sum(dim=2)
+
+
 class DeepSpeech2(nn.Module):
     """Deep Speech 2; ``forward`` returns logits ``[batch, time', n_classes]`` with
     ``time' = ⌊(time − 1)/2⌋ + 1`` (see :meth:`output_lengths`)."""
 
     def __init__(self, n_freq: int = 161, hidden: int = 1760, layers: int = 7, cell: Cell = "rnn",
-                 n_classes: int = 29, conv_channels: int = 32) -> None:
+                 n_classes: int = 29, conv_channels: int = 32, shared_input: bool = True) -> None:
         super().__init__()
         self.conv = nn.Sequential(
             nn.Conv2d(1, conv_channels, kernel_size=(41, 11), stride=(2, 2), padding=(20, 5)),
@@ -92,7 +113,8 @@ class DeepSpeech2(nn.Module):
         freq = (n_freq + 2 * 20 - 41) // 2 + 1
         freq = (freq + 2 * 10 - 21) // 2 + 1
         sizes = [conv_channels * freq] + [hidden] * layers
-        self.rnns = nn.ModuleList(SharedInputBiRecurrent(sizes[i], hidden, cell) for i in range(layers))
+        layer = SharedInputBiRecurrent if shared_input else SummedBiRecurrent
+        self.rnns = nn.ModuleList(layer(sizes[i], hidden, cell) for i in range(layers))
         self.fc = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, n_classes)
 
