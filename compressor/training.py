@@ -81,8 +81,17 @@ def _state(step, model, optimizer, pruner, rng: dict, losses) -> dict:
 def train(model: nn.Module, task: Task, config: TrainConfig, pruner: MagnitudePruner | None = None,
           progress: bool = True, desc: str | None = None) -> TrainResult:
     """Train ``model`` in place (a pruner, if given, must already be prepared on it)."""
+    threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _train(model, task, config, pruner, progress, desc)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(model: nn.Module, task: Task, config: TrainConfig, pruner: MagnitudePruner | None, progress: bool,
+           desc: str | None) -> TrainResult:
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

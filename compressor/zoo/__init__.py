@@ -7,6 +7,7 @@ from functools import partial
 
 from torch import nn
 
+from .charlm import CharLM
 from .resnet import ResNet, resnet8, resnet20
 from .ds2 import RECURRENT_WEIGHTS, DeepSpeech2, SharedInputBiRecurrent, SummedBiRecurrent
 
@@ -20,6 +21,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     # CIFAR-style residual networks with BatchNorm (He et al. 2016), 1-channel 28x28 input
     "resnet8": resnet8,
     "resnet20": resnet20,
+    # character language model: embedding → GRU/LSTM → output (the vocabulary of the KJV text)
+    "charlm": partial(CharLM, vocab_size=63),
 }
 
 
@@ -30,5 +33,5 @@ def build_model(name: str, **overrides) -> nn.Module:
     return MODELS[name](**overrides)
 
 
-__all__ = ["MODELS", "RECURRENT_WEIGHTS", "DeepSpeech2", "ResNet", "SharedInputBiRecurrent", "SummedBiRecurrent",
+__all__ = ["MODELS", "RECURRENT_WEIGHTS", "CharLM", "DeepSpeech2", "ResNet", "SharedInputBiRecurrent", "SummedBiRecurrent",
            "build_model"]
