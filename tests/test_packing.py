@@ -59,7 +59,7 @@ def test_int8_keeps_zeros_and_error_is_half_a_step(shape, sparsity, block, fmt, 
     assert packed.arrays["values"].dtype == np.int8 and packed.arrays["values"].min(initial=0) >= -127
     matrix, restored = weight.reshape(shape[0], -1), back.reshape(shape[0], -1)
     step = packed.arrays["scales"][:, None]
-    assert np.all(np.abs(matrix - restored) <= step / 2 * (1 + 1e-5))
+    assert np.all(np.abs(matrix - restored) <= step / 2 * (1 + 1e-4) + 1e-7)  # float32 rounding at exact halves
     assert packed.arrays["values"].size == pack(weight, fmt, block).arrays["values"].size  # only stored values
     assert packed.nbytes == sum(a.nbytes for a in packed.arrays.values())
 

@@ -108,13 +108,18 @@ def test_swap_whole_model_fp32_and_int8():
     assert "weight" in dict(model.fc.named_parameters())  # the input model is left alone
 
 
-def test_swap_ds2_mini():
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_swap_deep_speech_2(shared_input):
     torch.manual_seed(4)
-    model = pruned(build_model("ds2-mini"), sparsity=0.9, block=BlockShape(16, 1))
+    model = build_model("ds2", n_freq=64, hidden=48, layers=2, cell="gru", shared_input=shared_input)
+    model = pruned(model.eval(), sparsity=0.9, block=BlockShape(16, 1))
     x = torch.randn(2, 1, 64, 30)
     packed = pack_model(model, PackingConfig(format="bsr", block=BlockShape(16, 1)))
     swapped = swap_sparse_modules(packed)
-    assert all(type(m) is SparseLinear for m in swapped.rnns[0].children())
+    if shared_input:  # every recurrent weight is an nn.Linear
+        assert all(type(m) is SparseLinear for m in swapped.rnns[0].children())
+    else:
+        assert type(swapped.rnns[0].rnn) is SparseRecurrent
     assert relative_error(swapped(x), model(x)) < FP32_RTOL
 
 

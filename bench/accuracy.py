@@ -1,0 +1,242 @@
+"""The accuracy experiments of Narang et al. (2017) on the offline speech tasks.
+
+    python -m bench.accuracy [--quick] [--task digits|sentences] [--out bench/results]
+
+Three experiments, each starting from the same trained dense model (the shipped
+``ds2-mini-digits`` checkpoint, or one trained here for ``--task sentences``) and fine-tuned for
+the same number of steps with several seeds (mean and spread reported):
+
+1. **gradual vs hard**: at 80 / 90 / 95 % sparsity of the recurrent and fully connected weights,
+   gradual pruning with the threshold schedule of Narang et al. (``ThresholdSchedule``, q chosen
+   for the target; the sparsity it reaches is reported, it can fall short because weights move),
+   gradual pruning with the cubic schedule (reaches the target exactly) and one-shot "hard"
+   pruning at the first step.  The paper: gradual 7–9 % better than hard.
+2. **large sparse vs small dense**: the model pruned gradually to 90 % against a dense model
+   whose hidden size gives about the same number of non-zero recurrent weights, trained from
+   scratch for as many steps as dense training plus fine-tuning.  The paper: the large sparse
+   model wins.
+3. **block vs unstructured**: 4×4 and 16×1 blocks (max-magnitude block score) against element
+   pruning at 90 %, cubic schedule.
+
+Writes ``accuracy-<task>.json``, ``.md`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor import BlockShape, CubicSchedule, MagnitudePruner, OneShot, PruneGroup, ThresholdSchedule
+from compressor.tasks.speech import SpeechCorpusSpec, SpeechTask
+from compressor.training import TrainConfig, train
+from compressor.zoo import RECURRENT_WEIGHTS, build_model
+from compressor.zoo.pretrained import RECIPES, load_pretrained
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much work one experiment does."""
+
+    corpus: SpeechCorpusSpec
+    finetune_steps: int
+    seeds: tuple[int, ...]
+    sparsities: tuple[float, ...]
+    eval_limit: int | None
+
+
+QUICK = Size(SpeechCorpusSpec(kind="digits", train_size=4000, test_size=400, flite_size=200), 150, (0, 1),
+             (0.9, 0.95), 200)
+FULL = Size(SpeechCorpusSpec(kind="digits", train_size=4000, test_size=400, flite_size=200), 600, (0, 1, 2),
+            (0.8, 0.9, 0.95), None)
+
+
+def pruning_groups(schedule, final_sparsity: float | None = None, block: BlockShape = BlockShape()) -> list[PruneGroup]:
+    """The paper's two groups: recurrent weights, and the fully connected layer (output left dense)."""
+    extra = {"final_sparsity": final_sparsity} if final_sparsity is not None else {}
+    return [
+        PruneGroup(schedule, include=RECURRENT_WEIGHTS, block=block, name="recurrent", **extra),
+        PruneGroup(schedule, include=r"^fc\.weight$", block=block, name="fc", **extra),
+    ]
+
+
+def pruned_fraction(pruner: MagnitudePruner) -> float:
+    rows = pruner.report()
+    return sum(r.pruned for r in rows) / sum(r.total for r in rows)
+
+
+def finetune(base: nn.Module, task: SpeechTask, groups: list[PruneGroup], steps: int, seed: int) -> dict:
+    model = copy.deepcopy(base)
+    pruner = MagnitudePruner(groups)
+    pruner.prepare(model)
+    train(model, task, TrainConfig(steps=steps, lr=5e-4, grad_clip=5.0, seed=seed), pruner, progress=True)
+    reached = pruned_fraction(pruner)
+    return {**task.evaluate(pruner.finalize()), "sparsity": reached}
+
+
+def methods(sparsity: float, steps: int) -> dict[str, list[PruneGroup]]:
+    end = int(steps * 0.6)
+    return {
+        "gradual (threshold)": pruning_groups(ThresholdSchedule(start_itr=0, ramp_itr=end // 2, end_itr=end,
+                                                                freq=max(1, steps // 60)), sparsity),
+        "gradual (cubic)": pruning_groups(CubicSchedule(sparsity, start_itr=1, n_steps=10, delta_t=max(1, end // 10))),
+        "hard (one-shot)": pruning_groups(OneShot(sparsity)),
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    cers = [r["cer"] for r in runs]
+    return {"cer_mean": statistics.mean(cers), "cer_std": statistics.stdev(cers) if len(cers) > 1 else 0.0,
+            "wer_mean": statistics.mean(r["wer"] for r in runs),
+            "sparsity_mean": statistics.mean(r.get("sparsity", 0.0) for r in runs), "runs": runs}
+
+
+def gradual_vs_hard(base: nn.Module, task: SpeechTask, size: Size) -> dict:
+    results = {}
+    for sparsity in size.sparsities:
+        for label, groups in methods(sparsity, size.finetune_steps).items():
+            runs = [finetune(base, task, groups, size.finetune_steps, seed) for seed in size.seeds]
+            results.setdefault(f"{sparsity:g}", {})[label] = summarize(runs)
+    return results
+
+
+def block_vs_unstructured(base: nn.Module, task: SpeechTask, size: Size, sparsity: float = 0.9) -> dict:
+    end = int(size.finetune_steps * 0.6)
+    schedule = CubicSchedule(sparsity, start_itr=1, n_steps=10, delta_t=max(1, end // 10))
+    results = {}
+    for block in (BlockShape(1, 1), BlockShape(4, 4), BlockShape(16, 1)):
+        runs = [finetune(base, task, pruning_groups(schedule, block=block), size.finetune_steps, seed)
+                for seed in size.seeds]
+        results[str(block)] = summarize(runs)
+    return results
+
+
+def recurrent_nonzeros(model: nn.Module) -> int:
+    import re
+
+    return sum(int((p != 0).sum()) for n, p in model.named_parameters() if re.search(RECURRENT_WEIGHTS, n))
+
+
+def large_sparse_vs_small_dense(task: SpeechTask, size: Size, dense_steps: int, sparsity: float = 0.9) -> dict:
+    """Both trained from scratch for ``dense_steps + finetune_steps``."""
+    steps = dense_steps + size.finetune_steps
+    large = build_model("ds2-mini")
+    hidden_large = 256
+    # a GRU layer's recurrent weights grow ~ hidden² + hidden·input: pick the hidden size whose
+    # dense weight count matches the large model's non-zero count
+    target = (1 - sparsity) * recurrent_nonzeros(large)
+    hidden_small = min(range(8, hidden_large), key=lambda h: abs(recurrent_nonzeros(build_model("ds2-mini", hidden=h))
+                                                                 - target))
+    results = {}
+    for label, hidden, prune in (("large sparse", hidden_large, True), ("small dense", hidden_small, False)):
+        runs = []
+        for seed in size.seeds:
+            torch.manual_seed(seed)
+            model = build_model("ds2-mini", hidden=hidden)
+            pruner = None
+            if prune:
+                end = int(steps * 0.6)
+                pruner = MagnitudePruner(pruning_groups(CubicSchedule(sparsity, start_itr=steps // 10, n_steps=10,
+                                                                      delta_t=max(1, (end - steps // 10) // 10))))
+                pruner.prepare(model)
+            train(model, task, TrainConfig(steps=steps, lr=2e-3, cosine=True, grad_clip=5.0, seed=seed), pruner)
+            if pruner is not None:
+                model = pruner.finalize()
+            runs.append({**task.evaluate(model), "recurrent_nonzeros": recurrent_nonzeros(model), "hidden": hidden})
+        results[label] = summarize(runs)
+    return results
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"# Pruning accuracy experiments ({result['task']}, {result['size']})", "",
+             f"Base: `{result['base']}` (dense test CER {result['dense']['cer']:.2%}). Fine-tuning: "
+             f"{result['finetune_steps']} steps, seeds {result['seeds']}. CER on the test split (held-out voices), "
+             "mean ± standard deviation over seeds. Regenerate with `python -m bench.accuracy`.", "",
+             "## Gradual vs hard pruning", "", "| sparsity | method | reached sparsity | CER | WER |",
+             "| --- | --- | --- | --- | --- |"]
+    for sparsity, by_method in result["gradual_vs_hard"].items():
+        for label, s in by_method.items():
+            lines.append(f"| {float(sparsity):.0%} | {label} | {s['sparsity_mean']:.1%} | "
+                         f"{s['cer_mean']:.2%} ± {s['cer_std']:.2%} | {s['wer_mean']:.2%} |")
+    lines += ["", "Paper (Narang et al. 2017, their own numbers): gradual pruning 7–9 % better than hard pruning.",
+              "", "## Block vs unstructured (90 %, cubic schedule)", "", "| block | CER | WER |", "| --- | --- | --- |"]
+    for block, s in result["block_vs_unstructured"].items():
+        lines.append(f"| {block} | {s['cer_mean']:.2%} ± {s['cer_std']:.2%} | {s['wer_mean']:.2%} |")
+    if "large_sparse_vs_small_dense" in result:
+        lines += ["", "## Large sparse vs small dense (same non-zero recurrent weights)", "",
+                  "| model | hidden | recurrent non-zeros | CER |", "| --- | --- | --- | --- |"]
+        for label, s in result["large_sparse_vs_small_dense"].items():
+            run = s["runs"][0]
+            lines.append(f"| {label} | {run['hidden']} | {run['recurrent_nonzeros']:,} | "
+                         f"{s['cer_mean']:.2%} ± {s['cer_std']:.2%} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sparsities = list(result["gradual_vs_hard"])
+    labels = list(next(iter(result["gradual_vs_hard"].values())))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        means = [100 * result["gradual_vs_hard"][s][label]["cer_mean"] for s in sparsities]
+        stds = [100 * result["gradual_vs_hard"][s][label]["cer_std"] for s in sparsities]
+        ax.bar([j + i * width for j in range(len(sparsities))], means, width, yerr=stds, label=label, capsize=3)
+    ax.axhline(100 * result["dense"]["cer"], color="black", linestyle="--", label="dense")
+    ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(sparsities))],
+                  [f"{float(s):.0%}" for s in sparsities])
+    ax.set_xlabel("target sparsity of recurrent + FC weights")
+    ax.set_ylabel("test CER (%)")
+    ax.set_title(f"Gradual vs hard pruning, {result['task']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(size: Size, with_large_sparse: bool) -> dict:
+    torch.set_num_threads(2)
+    task = SpeechTask(size.corpus, batch_size=32, eval_limit=size.eval_limit)
+    base = load_pretrained("ds2-mini-digits")
+    started = time.time()
+    result = {
+        "task": task.name, "size": "quick" if size is QUICK else "full", "base": "ds2-mini-digits",
+        "dense": task.evaluate(base), "finetune_steps": size.finetune_steps, "seeds": list(size.seeds),
+        "gradual_vs_hard": gradual_vs_hard(base, task, size),
+        "block_vs_unstructured": block_vs_unstructured(base, task, size),
+    }
+    if with_large_sparse:
+        result["large_sparse_vs_small_dense"] = large_sparse_vs_small_dense(
+            task, size, dense_steps=RECIPES["ds2-mini-digits"].config.steps)
+    result["seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps, seeds and sparsities (minutes)")
+    parser.add_argument("--skip-large-sparse", action="store_true", help="skip experiment 2 (trains from scratch)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    result = run(QUICK if args.quick else FULL, not args.skip_large_sparse)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"accuracy-{result['task']}" + ("-quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(to_markdown(result))
+    plot(result, args.out / f"{stem}.png")
+    print(to_markdown(result))
+
+
+if __name__ == "__main__":
+    main()
