@@ -106,7 +106,7 @@ def to_markdown(result: dict) -> str:
         "",
         "| format | " + " | ".join(f"{float(s):.0%} sparse" for s in sparsities) + " |",
         "| --- | " + " | ".join("---" for _ in sparsities) + " |",
-        f"| fp32 dense (unpruned) | " + " | ".join(format_bytes(result["dense_fp32_bytes"]) for _ in sparsities) + " |",
+        "| fp32 dense (unpruned) | " + " | ".join(format_bytes(result["dense_fp32_bytes"]) for _ in sparsities) + " |",
     ]
     for label, by_sparsity in result["variants"].items():
         cells = [f"{format_bytes(by_sparsity[s]['total_bytes'])} ({by_sparsity[s]['compression']:.1f}x)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import nn
@@ -17,6 +18,9 @@ from torch import nn
 from .blocks import BlockShape
 from .packing import FORMATS, Format, PackedWeight, ValueType, pack
 from .quantize import QuantError
+
+if TYPE_CHECKING:
+    from .size import SizeReport
 from .selection import DEFAULT_TYPES, WeightRef, iter_prunable_weights
 
 DEFAULT_BLOCKS: tuple[BlockShape, ...] = (BlockShape(4, 4), BlockShape(8, 8), BlockShape(16, 1), BlockShape(1, 16))

@@ -47,10 +47,11 @@ def test_selects_every_weight_and_never_biases_or_norms():
     pruner = MagnitudePruner([PruneGroup(OneShot(0.5))])
     pruner.prepare(model)
     assert {ref.name for ref in pruner.weights} == EXPECTED_WEIGHTS
-    for name, module in model.named_modules():
-        for pname in ("bias", "weight"):
-            if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)) or pname == "bias":
-                assert not parametrize.is_parametrized(module, pname) if hasattr(module, pname) else True
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+            assert not parametrize.is_parametrized(module)
+        elif parametrize.is_parametrized(module):
+            assert all(name.startswith("weight") for name in module.parametrizations)
     assert not any("bias" in key and "mask" in key for key in model.state_dict())
     assert not any(key.startswith(("bn.", "norm.")) and "parametrizations" in key for key in model.state_dict())
 
