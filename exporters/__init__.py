@@ -1,2 +1,4 @@
-"""compress-and-export, exporters half: ONNX and TVM exporters read the compressor's packed
-representation and write deployable artifacts (issues [onnx] and [tvm]; nothing here yet)."""
+"""compress-and-export, exporters half: writers of deployable artifacts.
+
+``exporters.onnx.export_onnx``: ONNX for stock ONNX Runtime (fp32 so far); TVM comes with the
+[tvm] issue."""

@@ -1,2 +1,3 @@
-"""Runtime tests: artifacts loaded in ONNX Runtime and TVM and compared with PyTorch
-(issues [onnx] and [tvm]; collected by pytest from this folder)."""
+"""Runtime tests: artifacts loaded in ONNX Runtime (and later TVM) and compared with PyTorch;
+collected by pytest from this folder, and callable from the command line
+(``python -m runtime_tests.onnxruntime_check``)."""
