@@ -23,6 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressor.packing import pack
 
+COMPRESSIBLE = (np.dtype(np.float32), np.dtype(np.int8))
+
 
 @dataclass(frozen=True)
 class CompressedTensor:
@@ -69,24 +71,27 @@ def _decode_nodes(name: str, shape: tuple[int, ...], numel: int, dtype: np.dtype
 
 def compress_initializers(model: onnx.ModelProto, min_sparsity: float = 0.5,
                           min_numel: int = 1024) -> tuple[onnx.ModelProto, list[CompressedTensor]]:
-    """A copy of ``model`` whose sparse float initializers (at least ``min_numel`` elements and
-    ``min_sparsity`` zeros, not all zero) are stored as bit-mask + values."""
+    """A copy of ``model`` whose sparse float32 or int8 initializers (at least ``min_numel``
+    elements and ``min_sparsity`` zeros, not all zero) are stored as bit-mask + values (of the
+    initializer's own dtype: int8 weights of a quantized model stay int8)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     kept, decoders, report = [], [], []
     for tensor in graph.initializer:
         array = numpy_helper.to_array(tensor)
         sparsity = float((array == 0).mean()) if array.size else 0.0
-        if array.dtype != np.float32 or array.size < min_numel or not min_sparsity <= sparsity < 1.0:
+        if array.dtype not in COMPRESSIBLE or array.size < min_numel or not min_sparsity <= sparsity < 1.0:
             kept.append(tensor)
             continue
-        packed = pack(array, "bitmask")
+        packed = pack(array, "bitmask")  # float32 holds every int8 value exactly
+        values = packed.arrays["values"].astype(array.dtype)
         kept.append(numpy_helper.from_array(packed.arrays["mask"], f"{tensor.name}__mask"))
-        kept.append(numpy_helper.from_array(packed.arrays["values"], f"{tensor.name}__values"))
+        kept.append(numpy_helper.from_array(values, f"{tensor.name}__values"))
         nodes, constants = _decode_nodes(tensor.name, tuple(array.shape), array.size, array.dtype)
         decoders += nodes
         kept += constants
-        report.append(CompressedTensor(tensor.name, tuple(array.shape), sparsity, array.nbytes, packed.nbytes))
+        report.append(CompressedTensor(tensor.name, tuple(array.shape), sparsity, array.nbytes,
+                                       packed.arrays["mask"].nbytes + values.nbytes))
     del graph.initializer[:]
     graph.initializer.extend(kept)
     nodes = list(graph.node)
