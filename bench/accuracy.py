@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -119,9 +120,15 @@ def block_vs_unstructured(base: nn.Module, task: SpeechTask, size: Size, sparsit
 
 
 def recurrent_nonzeros(model: nn.Module) -> int:
-    import re
-
     return sum(int((p != 0).sum()) for n, p in model.named_parameters() if re.search(RECURRENT_WEIGHTS, n))
+
+
+def recurrent_weight_count(hidden: int) -> int:
+    """Recurrent weights of a dense ``ds2-mini`` of width ``hidden`` (built on the meta device:
+    shapes only, no memory, no initialization)."""
+    with torch.device("meta"):
+        model = build_model("ds2-mini", hidden=hidden)
+    return sum(p.numel() for n, p in model.named_parameters() if re.search(RECURRENT_WEIGHTS, n))
 
 
 def large_sparse_vs_small_dense(task: SpeechTask, size: Size, dense_steps: int, sparsity: float = 0.9) -> dict:
@@ -132,8 +139,7 @@ def large_sparse_vs_small_dense(task: SpeechTask, size: Size, dense_steps: int, 
     # a GRU layer's recurrent weights grow ~ hidden² + hidden·input: pick the hidden size whose
     # dense weight count matches the large model's non-zero count
     target = (1 - sparsity) * recurrent_nonzeros(large)
-    hidden_small = min(range(8, hidden_large), key=lambda h: abs(recurrent_nonzeros(build_model("ds2-mini", hidden=h))
-                                                                 - target))
+    hidden_small = min(range(8, hidden_large), key=lambda h: abs(recurrent_weight_count(h) - target))
     results = {}
     for label, hidden, prune in (("large sparse", hidden_large, True), ("small dense", hidden_small, False)):
         runs = []

@@ -203,9 +203,10 @@ def swap_sparse_modules(packed: PackedModel, activations: Activations = "fp32") 
         by_module.setdefault(module_name, {})[attr] = weight
     for module_name, weights in by_module.items():
         module = model.get_submodule(module_name)
-        act = lambda w: activations if w.dtype == "int8" else "fp32"  # noqa: E731
         if isinstance(module, nn.Linear):
-            replacement: nn.Module = SparseLinear.from_linear(module, weights["weight"], act(weights["weight"]))
+            weight = weights["weight"]
+            replacement: nn.Module = SparseLinear.from_linear(module, weight,
+                                                              activations if weight.dtype == "int8" else "fp32")
         elif isinstance(module, nn.RNNBase):
             replacement = SparseRecurrent(module, weights, activations)
         else:
