@@ -1,0 +1,207 @@
+"""TIR kernel for :func:`exporters.recurrence.recurrence`: a whole recurrent direction in one call.
+
+The time loop runs inside the kernel, so the library does not grow with the sequence length and
+the number of steps is a run-time value.  Each step is one parallel region over blocks of hidden
+units; the task of block ``ib`` computes the rows of that block in *every* gate of
+``gh = h · W_hhᵀ`` (rows ``g·H + ib·R … g·H + ib·R + R − 1``), then the cell equations for those
+units, so gates never wait for each other.  ``h`` is double-buffered (read ``h_t``, write
+``h_{t+1}``); an LSTM's ``c`` belongs to one task and is updated in place.
+
+``W_hh`` comes packed (:mod:`compressor.packing`):
+
+- BSR r×c or CSR (1×1): values transposed to ``[nnz_blocks, c, r]`` and vectorized over ``r``;
+  ``r`` must divide ``H`` (so that a block never straddles two gates) and ``c`` must divide ``H``.
+- dense: rows dotted with ``h`` using ``V`` vector lanes.
+- int8: values int8 and one fp32 scale per row, applied once per row after the sum:
+  ``gh[row] = scale[row] · Σ q[row, k] · h[k] + b_hh[row]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+from compressor.packing import PackedWeight, pack
+
+from .recurrence import GATES
+
+FP32 = "float32"
+
+
+@dataclass(frozen=True)
+class RecurrenceKernel:
+    """A compiled-to-be TIR function plus the constant arrays it takes after ``gi`` and ``state``
+    (then ``b_hh``); outputs ``y [T, B, H]`` and the final state ``[S, B, H]``."""
+
+    func: tvm.tirx.PrimFunc
+    name: str
+    constants: tuple[np.ndarray, ...]
+
+
+def _lanes(size: int) -> int:
+    return next(v for v in (16, 8, 4, 2, 1) if size % v == 0)
+
+
+def _cell_update(cell: str):
+    """A TIR macro computing the new state of one unit from its gate pre-activations."""
+
+    @T.macro
+    def update(gi, gate, h_buf, c_buf, cur, nxt, y, tt, b, unit, hidden):
+        if cell == "gru":
+            r = T.sigmoid(gi[tt, b, unit] + gate[0])
+            z = T.sigmoid(gi[tt, b, hidden + unit] + gate[1])
+            n = T.tanh(gi[tt, b, 2 * hidden + unit] + r * gate[2])
+            h_buf[nxt, b, unit] = (T.float32(1) - z) * n + z * h_buf[cur, b, unit]
+        elif cell == "lstm":
+            i = T.sigmoid(gi[tt, b, unit] + gate[0])
+            f = T.sigmoid(gi[tt, b, hidden + unit] + gate[1])
+            g = T.tanh(gi[tt, b, 2 * hidden + unit] + gate[2])
+            o = T.sigmoid(gi[tt, b, 3 * hidden + unit] + gate[3])
+            c_buf[b, unit] = f * c_buf[b, unit] + i * g
+            h_buf[nxt, b, unit] = o * T.tanh(c_buf[b, unit])
+        elif cell == "rnn_tanh":
+            h_buf[nxt, b, unit] = T.tanh(gi[tt, b, unit] + gate[0])
+        elif cell == "rnn_relu":
+            h_buf[nxt, b, unit] = T.max(gi[tt, b, unit] + gate[0], T.float32(0))
+        else:
+            h_buf[nxt, b, unit] = T.min(T.max(gi[tt, b, unit] + gate[0], T.float32(0)), T.float32(20))
+        y[tt, b, unit] = h_buf[nxt, b, unit]
+
+    return update
+
+
+def _sparse_kernel(cell: str, hidden: int, batch: int, rows: int, cols: int, wdtype: str, ptr_dtype: str,
+                   idx_dtype: str, reverse: bool, int8: bool):
+    gates, states = GATES[cell], 2 if cell == "lstm" else 1
+    blocks = hidden // rows
+    update = _cell_update(cell)
+
+    @T.prim_func
+    def kernel(gi_h: T.handle, state: T.Buffer((states, batch, hidden), FP32), data_h: T.handle, indices_h: T.handle,
+               indptr: T.Buffer((gates * blocks + 1,), ptr_dtype), scales: T.Buffer((gates * hidden,), FP32),
+               bias: T.Buffer((gates * hidden,), FP32), y_h: T.handle, final: T.Buffer((states, batch, hidden), FP32)):
+        T.func_attr({"tirx.noalias": True})
+        steps = T.int32()
+        nnzb = T.int32()
+        gi = T.match_buffer(gi_h, (steps, batch, gates * hidden), FP32)
+        data = T.match_buffer(data_h, (nnzb, cols, rows), wdtype)
+        indices = T.match_buffer(indices_h, (nnzb,), idx_dtype)
+        y = T.match_buffer(y_h, (steps, batch, hidden), FP32)
+        h_buf = T.alloc_buffer((2, batch, hidden), FP32)
+        c_buf = T.alloc_buffer((batch, hidden), FP32)
+        for b, k in T.grid(batch, hidden):
+            h_buf[0, b, k] = state[0, b, k]
+            c_buf[b, k] = state[states - 1, b, k]
+        for t in range(steps):
+            for ib in T.parallel(blocks):
+                acc = T.decl_buffer((gates, batch, rows), FP32, scope="local")
+                gate = T.decl_buffer((gates,), FP32, scope="local")
+                for g in T.unroll(gates):
+                    for b in T.unroll(batch):
+                        for r in T.vectorized(rows):
+                            acc[g, b, r] = T.float32(0)
+                    for j in range(T.Cast("int32", indptr[g * blocks + ib]), T.Cast("int32", indptr[g * blocks + ib + 1])):
+                        for c in T.unroll(cols):
+                            for b in T.unroll(batch):
+                                for r in T.vectorized(rows):
+                                    acc[g, b, r] = acc[g, b, r] + T.Cast(FP32, data[j, c, r]) * h_buf[
+                                        t % 2, b, T.Cast("int32", indices[j]) * cols + c]
+                for b in T.serial(batch):
+                    for r in T.serial(rows):
+                        for g in T.unroll(gates):
+                            if int8:
+                                gate[g] = acc[g, b, r] * scales[g * hidden + ib * rows + r] + bias[g * hidden + ib * rows + r]
+                            else:
+                                gate[g] = acc[g, b, r] + bias[g * hidden + ib * rows + r]
+                        update(gi, gate, h_buf, c_buf, t % 2, (t + 1) % 2, y,
+                               steps - 1 - t if reverse else t, b, ib * rows + r, hidden)
+        for b, k in T.grid(batch, hidden):
+            final[0, b, k] = h_buf[steps % 2, b, k]
+            if states == 2:
+                final[1, b, k] = c_buf[b, k]
+
+    return kernel
+
+
+def _dense_kernel(cell: str, hidden: int, batch: int, wdtype: str, reverse: bool, int8: bool):
+    gates, states = GATES[cell], 2 if cell == "lstm" else 1
+    lanes = _lanes(hidden)
+    update = _cell_update(cell)
+
+    @T.prim_func
+    def kernel(gi_h: T.handle, state: T.Buffer((states, batch, hidden), FP32),
+               weight: T.Buffer((gates * hidden, hidden), wdtype), scales: T.Buffer((gates * hidden,), FP32),
+               bias: T.Buffer((gates * hidden,), FP32), y_h: T.handle, final: T.Buffer((states, batch, hidden), FP32)):
+        T.func_attr({"tirx.noalias": True})
+        steps = T.int32()
+        gi = T.match_buffer(gi_h, (steps, batch, gates * hidden), FP32)
+        y = T.match_buffer(y_h, (steps, batch, hidden), FP32)
+        h_buf = T.alloc_buffer((2, batch, hidden), FP32)
+        c_buf = T.alloc_buffer((batch, hidden), FP32)
+        for b, k in T.grid(batch, hidden):
+            h_buf[0, b, k] = state[0, b, k]
+            c_buf[b, k] = state[states - 1, b, k]
+        for t in range(steps):
+            for unit in T.parallel(hidden):
+                acc = T.decl_buffer((gates, batch, lanes), FP32, scope="local")
+                gate = T.decl_buffer((gates,), FP32, scope="local")
+                for g in T.unroll(gates):
+                    for b in T.unroll(batch):
+                        for v in T.vectorized(lanes):
+                            acc[g, b, v] = T.float32(0)
+                    for ko in range(hidden // lanes):
+                        for b in T.unroll(batch):
+                            for v in T.vectorized(lanes):
+                                acc[g, b, v] = acc[g, b, v] + T.Cast(FP32, weight[g * hidden + unit, ko * lanes + v]) * h_buf[
+                                    t % 2, b, ko * lanes + v]
+                for b in T.serial(batch):
+                    for g in T.unroll(gates):
+                        gate[g] = T.float32(0)
+                        for v in T.serial(lanes):
+                            gate[g] = gate[g] + acc[g, b, v]
+                        if int8:
+                            gate[g] = gate[g] * scales[g * hidden + unit] + bias[g * hidden + unit]
+                        else:
+                            gate[g] = gate[g] + bias[g * hidden + unit]
+                    update(gi, gate, h_buf, c_buf, t % 2, (t + 1) % 2, y, steps - 1 - t if reverse else t, b, unit,
+                           hidden)
+        for b, k in T.grid(batch, hidden):
+            final[0, b, k] = h_buf[steps % 2, b, k]
+            if states == 2:
+                final[1, b, k] = c_buf[b, k]
+
+    return kernel
+
+
+def recurrence_kernel(cell: str, weight: PackedWeight, batch: int, reverse: bool) -> RecurrenceKernel:
+    """The kernel for one direction of a ``cell`` layer whose ``W_hh`` is ``weight``.
+
+    A BSR block that does not fit the gate layout (``r`` or ``c`` not dividing ``H``) is
+    repacked as CSR with the same value type; COO and bit-mask weights are repacked as CSR."""
+    if cell not in GATES:
+        raise ValueError(f"cell={cell!r}: use one of {', '.join(GATES)}")
+    rows_total, hidden = weight.matrix_shape
+    if rows_total != GATES[cell] * hidden:
+        raise ValueError(f"W_hh of shape {weight.shape} does not fit a {cell} layer of {hidden} units")
+    int8 = weight.dtype == "int8"
+    wdtype = "int8" if int8 else FP32
+    scales = weight.arrays["scales"] if int8 else np.ones(rows_total, np.float32)
+    direction = "reverse" if reverse else "forward"
+    if weight.format == "dense":
+        func = _dense_kernel(cell, hidden, batch, wdtype, reverse, int8)
+        name = f"recurrence_{cell}_dense_{weight.dtype}_b{batch}_h{hidden}_{direction}"
+        return RecurrenceKernel(func.with_attr("global_symbol", name), name,
+                                (weight.arrays["values"].reshape(rows_total, hidden), scales))
+    rows, cols = weight.block.rows, weight.block.cols
+    if weight.format not in ("csr", "bsr") or hidden % rows or hidden % cols:
+        weight = pack(weight.to_dense(), "csr", dtype=weight.dtype)
+        rows = cols = 1
+    values = weight.arrays["values"].reshape(-1, rows, cols).transpose(0, 2, 1)
+    indptr, indices = weight.arrays["indptr"], weight.arrays["indices"]
+    func = _sparse_kernel(cell, hidden, batch, rows, cols, wdtype, str(indptr.dtype), str(indices.dtype), reverse, int8)
+    name = f"recurrence_{cell}_bsr{rows}x{cols}_{weight.dtype}_b{batch}_h{hidden}_{direction}"
+    return RecurrenceKernel(func.with_attr("global_symbol", name), name,
+                            (np.ascontiguousarray(values), indices, indptr, weight.arrays["scales"] if int8 else scales))
