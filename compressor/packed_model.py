@@ -8,11 +8,13 @@ chosen by :func:`choose_packing` (smallest by default) unless the config forces 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from torch import nn
 
 from .blocks import BlockShape
@@ -90,6 +92,16 @@ class PackedModel:
         from .size import size_report
 
         return size_report(self)
+
+    def dequantized(self) -> nn.Module:
+        """A copy of the module whose packed weights are replaced by what is stored (int8
+        values times their scales): the exact reference for artifacts built from this model."""
+        module = copy.deepcopy(self.module)
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, weight in self.weights.items():
+                params[name].copy_(torch.from_numpy(weight.to_dense()))
+        return module
 
     def quant_errors(self) -> list[QuantError]:
         """Per-layer error of every int8 weight against the module's fp32 weight."""

@@ -39,7 +39,7 @@ def test_int8_pruned_artifact(name, tmp_path):
     assert quantized and all(q.dtype == np.int8 and (q == 0).mean() >= 0.9 - 1e-3 for q in quantized)
     assert compare_with_torch(model, int8, (example,)).worst < INT8_RTOL
 
-    compressed, report = compress_initializers(onnx.load(str(int8)))
+    compressed, _ = compress_initializers(onnx.load(str(int8)))
     assert {np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)) for t in compressed.graph.initializer
             if t.name.endswith("__values")} == {np.dtype(np.int8)}
     path = tmp_path / "int8-compressed.onnx"
