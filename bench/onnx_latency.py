@@ -36,7 +36,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -50,6 +49,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from bench.machine import machine_info
 from compressor import MagnitudePruner, OneShot, PruneGroup
 from compressor.size import format_bytes
 from compressor.texttable import format_table
@@ -203,22 +203,6 @@ def measure_files(files: dict[str, Path], inputs: dict[int, np.ndarray], threads
                 "latency": {str(b): {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "repeats": len(t)}
                             for b, t in times[v].items()}} for v in files}
     return rows, outputs
-
-
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": os.cpu_count(), "cores_available": affinity, "threads": threads,
-            "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "python": platform.python_version(), "platform": platform.platform(), "onnxruntime": ort.__version__,
-            "onnx": onnx.__version__, "torch": torch.__version__, "numpy": np.__version__}
 
 
 def measure(quick: bool = False, threads: int = 1, size: str = "full", models: list[str] | None = None,

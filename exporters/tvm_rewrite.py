@@ -1,0 +1,214 @@
+"""From a PyTorch model to a Relax module whose matmuls run the project's own TIR kernels.
+
+1. :func:`~exporters.recurrence.scan_recurrent_layers` turns every GRU/LSTM/RNN into an input
+   matmul plus one ``recurrence`` time-loop operator (parameter names unchanged).
+2. ``torch.export`` + ``from_exported_program(keep_params_as_input=True)``: parameters stay
+   named function inputs, so each weight is found by its PyTorch name.  The ``recurrence``
+   operator is converted straight to ``call_tir`` of :func:`recurrence_kernel` over the packed
+   ``W_hh``.
+3. :class:`MatmulRewriter` replaces every ``matmul(x, permute_dims(W))`` whose ``W`` is a
+   parameter by ``call_tir`` of :func:`~exporters.tvm_kernels.matmul_kernel` over the packed
+   ``W`` (the ``PackedModel`` entry, or the dense weight in the scheduled dense kernel):
+   ``x [..., K]`` is reshaped to ``[M, K]`` and the result back to ``[..., N]``.
+4. The remaining parameters are bound as constants; unused ones are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import tvm
+from torch import nn
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.frontend.torch import from_exported_program
+
+from compressor.packed_model import PackedModel
+from compressor.packing import PackedWeight, pack
+
+from .recurrence import scan_recurrent_layers
+from .tvm_kernels import matmul_kernel
+from .tvm_recurrence_kernel import recurrence_kernel
+
+#: Up to this many rows a matmul gets a kernel specialized on its row count (batch-vectorized
+#: matrix-vector products); more rows — the input projection of every time step at once — get the
+#: kernel whose row count is a run-time value, so the library does not grow with the sequence.
+MAX_STATIC_ROWS = 16
+
+
+@dataclass
+class KernelUse:
+    """One replaced operator: the weight's name, the kernel and the bytes it moves per call."""
+
+    weight: str
+    kernel: str
+    format: str
+    dtype: str
+    bytes_moved: int
+
+
+@dataclass
+class RelaxModel:
+    """The rewritten Relax module and what was replaced."""
+
+    mod: tvm.IRModule
+    kernels: list[KernelUse] = field(default_factory=list)
+    #: packed weights that no kernel took (for example convolutions): compiled by TVM's default
+    #: pipeline from their stored values, so they are dense in the library
+    left_dense: list[str] = field(default_factory=list)
+
+    @property
+    def replaced(self) -> int:
+        return len(self.kernels)
+
+
+def _format_tag(weight: PackedWeight) -> str:
+    if weight.format == "bsr":
+        return f"bsr{weight.block.rows}x{weight.block.cols}"
+    return weight.format
+
+
+class _Weights:
+    """Weights by PyTorch name: the packed ones from the ``PackedModel``, the rest dense fp32."""
+
+    def __init__(self, module: nn.Module, packed: dict[str, PackedWeight]) -> None:
+        self.state = {name: t.detach().cpu() for name, t in module.state_dict().items()}
+        self.packed = packed
+
+    def get(self, name: str) -> PackedWeight:
+        if name in self.packed:
+            weight = self.packed[name]
+            if weight.format in ("dense", "csr", "bsr"):
+                return weight
+            return pack(weight.to_dense(), "csr", dtype=weight.dtype)
+        return pack(self.state[name].float().numpy(), "dense")
+
+
+def _static_shape(expr: relax.Expr) -> list[int] | None:
+    shape = expr.ty.shape
+    if shape is None or not all(isinstance(v, tvm.tirx.IntImm) for v in shape.values):
+        return None
+    return [int(v) for v in shape.values]
+
+
+@mutator
+class MatmulRewriter(PyExprMutator):
+    """Replaces ``matmul(x, permute_dims(W_param))`` (possibly through ``broadcast_to``) by our kernels."""
+
+    def __init__(self, mod: tvm.IRModule, param_names: dict[str, str], weights: _Weights, uses: list[KernelUse],
+                 kernels: dict[str, relax.GlobalVar]) -> None:
+        super().__init__(mod)
+        self.param_names, self.weights, self.uses, self.kernels = param_names, weights, uses, kernels
+        self.bindings: dict[relax.Var, relax.Expr] = {}
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        self.bindings[binding.var] = binding.value
+        super().visit_var_binding_(binding)
+
+    def _resolve(self, expr: relax.Expr) -> relax.Expr:
+        while isinstance(expr, relax.Var) and expr in self.bindings:
+            expr = self.bindings[expr]
+        return expr
+
+    def _weight_param(self, expr: relax.Expr) -> str | None:
+        """The parameter name if ``expr`` is ``permute_dims(W)`` of a 2-D parameter (maybe broadcast)."""
+        expr = self._resolve(expr)
+        if isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.broadcast_to"):
+            expr = self._resolve(expr.args[0])
+        if not (isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.permute_dims")):
+            return None
+        source = expr.args[0]
+        if not isinstance(source, relax.Var) or source.name not in self.param_names:
+            return None
+        axes = expr.attrs.axes
+        if len(_static_shape(source) or []) != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
+            return None
+        return self.param_names[source.name]
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
+            return call
+        name = self._weight_param(call.args[1])
+        x = self._resolve(call.args[0])
+        if isinstance(x, relax.Call) and x.op == tvm.ir.Op.get("relax.broadcast_to"):
+            x = x.args[0]
+        x_shape, out_shape = _static_shape(x), _static_shape(call)
+        if name is None or x_shape is None or out_shape is None or x.ty.dtype != "float32":
+            return call
+        weight = self.weights.get(name)
+        n, k = weight.matrix_shape
+        if x_shape[-1] != k or out_shape[-1] != n:
+            return call
+        rows = math.prod(x_shape[:-1])
+        kernel = matmul_kernel(weight, rows if rows <= MAX_STATIC_ROWS else None)
+        if kernel.name not in self.kernels:
+            self.kernels[kernel.name] = self.builder_.add_func(kernel.func, kernel.name)
+        self.uses.append(KernelUse(name, kernel.name, _format_tag(weight), weight.dtype, kernel.bytes_moved_for(rows)))
+        flat = self.builder_.emit(relax.op.reshape(x, (rows, k))) if len(x_shape) != 2 else x
+        y = relax.call_tir(self.kernels[kernel.name], [flat, *(relax.const(c) for c in kernel.constants)],
+                           relax.TensorType((rows, n), "float32"))
+        return relax.op.reshape(self.builder_.emit(y), out_shape) if len(out_shape) != 2 else y
+
+
+def _recurrence_converter(param_names: dict[str, str], weights: _Weights, uses: list[KernelUse]):
+    """A ``custom_convert_map`` entry for ``compress_and_export::recurrence``."""
+    kernels: dict[str, relax.GlobalVar] = {}
+
+    def convert(node: torch.fx.Node, importer) -> relax.Var:
+        gi, state, _, b_hh = (importer.env[a] for a in node.args[:4])
+        cell, reverse = node.args[4], bool(node.args[5])
+        name = param_names.get(node.args[2].name)
+        if name is None:
+            raise ValueError(f"the recurrent weight {node.args[2].name} is not a parameter of the model")
+        weight = weights.get(name)
+        steps, batch, _ = gi.ty.shape.values
+        states, _, hidden = (int(v) for v in state.ty.shape.values)
+        kernel = recurrence_kernel(cell, weight, int(batch), reverse)
+        builder = importer.block_builder
+        if kernel.name not in kernels:
+            kernels[kernel.name] = builder.add_func(kernel.func, kernel.name)
+        uses.append(KernelUse(name, kernel.name, _format_tag(weight), weight.dtype,
+                              sum(int(c.nbytes) for c in kernel.constants)))
+        out = relax.call_tir(kernels[kernel.name], [gi, state, *(relax.const(c) for c in kernel.constants), b_hh],
+                             [relax.TensorType((steps, batch, hidden), "float32"),
+                              relax.TensorType((states, batch, hidden), "float32")])
+        return builder.emit(out)
+
+    return convert
+
+
+def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tensor]) -> RelaxModel:
+    """The model as a Relax module with every matmul over a weight and every recurrent loop
+    running our kernels over the packed weights (see the module docstring)."""
+    module, packed = (model.module, model.weights) if isinstance(model, PackedModel) else (model, {})
+    if any(hasattr(m, "parametrizations") for m in module.modules()):
+        raise ValueError("the model still has pruning masks attached: call pruner.finalize() before exporting")
+    if isinstance(model, PackedModel):
+        module = model.dequantized()  # layers left to TVM compute with the stored values too
+    scanned = scan_recurrent_layers(module).eval()
+    with torch.no_grad():
+        program = torch.export.export(scanned, tuple(example_inputs))
+    signature = program.graph_signature
+    param_names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    weights = _Weights(module, packed)
+    uses: list[KernelUse] = []
+    mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True,
+                                custom_convert_map={"recurrence.default": _recurrence_converter(param_names, weights, uses)})
+    mod, params = relax.frontend.detach_params(mod)
+    rewriter = MatmulRewriter(mod, param_names, weights, uses, {})
+    for global_var, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(global_var, rewriter.visit_expr(func))
+    mod = rewriter.builder_.get()
+    main = mod["main"]
+    num_inputs = int(main.attrs["num_input"])
+    values = params.get("main", [])
+    bound = {var.name: tvm.runtime.tensor(value.numpy()) for var, value in zip(main.params[num_inputs:], values)}
+    mod = relax.transform.BindParams("main", bound)(mod)
+    mod = relax.transform.DeadCodeElimination()(mod)
+    replaced = {use.weight for use in uses}
+    return RelaxModel(mod, uses, [name for name in packed if name not in replaced])

@@ -1,0 +1,82 @@
+"""Compilation targets of the TVM exporter: the host CPU, aarch64 Linux and aarch64 Android.
+
+- ``host``: LLVM for this machine's CPU, ``target.llvm_get_system_cpu`` (TVM's "native" silently
+  falls back to a generic CPU, 1–5× slower).
+- ``aarch64-linux``: ``mtriple=aarch64-linux-gnu`` with NEON, linked into a ``.so`` by Debian's
+  ``aarch64-linux-gnu-g++`` (package ``g++-aarch64-linux-gnu``).
+- ``android``: ``mtriple=aarch64-linux-android`` with NEON.  With an NDK (``ANDROID_NDK_HOME``
+  or ``ANDROID_NDK_ROOT``) the library is linked by the NDK's clang into a ``.so``; without one
+  the objects are written as a ``.tar`` and linked on a machine that has the NDK:
+  ``tar xf lib.tar && $NDK/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android24-clang -shared -o lib.so *.o``
+  (or ``ld.lld -shared -o lib.so *.o``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm.support import cc
+
+ANDROID_API = 24
+
+
+@dataclass(frozen=True)
+class CompileTarget:
+    """A TVM target plus how its library is linked (``suffix`` ".so" or ".tar")."""
+
+    name: str
+    target: tvm.target.Target
+    suffix: str
+    fcompile: Callable | None = None
+
+    @property
+    def is_host(self) -> bool:
+        return self.name == "host"
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (for example ``znver4``)."""
+    return str(tvm.get_global_func("target.llvm_get_system_cpu")())
+
+
+def _require(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise RuntimeError(f"cross compiler {tool} not found: install the Debian package {package} "
+                           f"(apt-get install {package}) or use --target host")
+    return path
+
+
+def _android_clang() -> str | None:
+    ndk = os.environ.get("ANDROID_NDK_HOME") or os.environ.get("ANDROID_NDK_ROOT")
+    if not ndk:
+        return None
+    clang = Path(ndk) / "toolchains/llvm/prebuilt/linux-x86_64/bin" / f"aarch64-linux-android{ANDROID_API}-clang++"
+    if not clang.exists():
+        raise RuntimeError(f"no {clang.name} in the NDK at {ndk}: point ANDROID_NDK_HOME at an NDK r21 or newer")
+    return str(clang)
+
+
+TARGET_NAMES = ("host", "aarch64-linux", "android")
+
+
+def compile_target(name: str) -> CompileTarget:
+    """The :class:`CompileTarget` called ``name`` (one of :data:`TARGET_NAMES`)."""
+    if name == "host":
+        return CompileTarget(name, tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()}), ".so")
+    if name == "aarch64-linux":
+        compiler = _require("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")
+        target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+        return CompileTarget(name, target, ".so", cc.cross_compiler(compiler))
+    if name == "android":
+        target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]})
+        clang = _android_clang()
+        if clang is None:
+            return CompileTarget(name, target, ".tar")
+        return CompileTarget(name, target, ".so", cc.cross_compiler(clang))
+    raise ValueError(f"unknown target {name!r}: use one of {', '.join(TARGET_NAMES)}")

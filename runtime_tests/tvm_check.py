@@ -1,0 +1,123 @@
+"""Run a TVM-compiled library (Relax VM) and compare it with PyTorch; time it locally or on a device.
+
+    python -m runtime_tests.tvm_check MODEL.so --input-shape 1,1,64,100 [--device rpc://host:port]
+
+loads the library (on this machine, or uploaded to a device that runs TVM's RPC server), runs
+``main`` on random inputs of the given shapes and prints the outputs' shapes and the median
+latency (TVM's ``time_evaluator``).  From Python: :func:`run_tvm`, :func:`compare_with_torch`,
+:func:`latency_ms`, and :class:`TvmModule`, an ``nn.Module`` view of a library so that a task's
+``evaluate`` runs unchanged on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import tvm
+from torch import nn
+from tvm import relax
+
+from exporters.tvm_rpc import RemoteSession, remote_session
+
+from .onnxruntime_check import Parity, _shape
+
+
+def load_vm(path: str | Path, device: tvm.runtime.Device | None = None) -> relax.VirtualMachine:
+    """A Relax VM over the library at ``path`` on ``device`` (the local CPU by default)."""
+    return relax.VirtualMachine(tvm.runtime.load_module(str(path)), device or tvm.cpu())
+
+
+def _outputs(result: Any) -> list[np.ndarray]:
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    return [r.numpy() for r in result]
+
+
+def run_vm(vm: relax.VirtualMachine, inputs: Sequence[np.ndarray], device: tvm.runtime.Device) -> list[np.ndarray]:
+    """Outputs of ``main`` for ``inputs`` (set_input / invoke_stateful / get_outputs, which also
+    works over RPC)."""
+    vm.set_input("main", *(tvm.runtime.tensor(np.ascontiguousarray(x), device) for x in inputs))
+    vm.invoke_stateful("main")
+    return _outputs(vm.get_outputs("main"))
+
+
+def run_tvm(path: str | Path, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Outputs of the host library at ``path`` for ``inputs``."""
+    return run_vm(load_vm(path), inputs, tvm.cpu())
+
+
+def relative_errors(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> Parity:
+    """Largest |actual − expected| per output, relative to the largest |expected|."""
+    return Parity(tuple(float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-12))
+                        for e, a in zip(expected, actual, strict=True)))
+
+
+def torch_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    with torch.no_grad():
+        expected = model.eval()(*inputs)
+    return [e.numpy() for e in (expected if isinstance(expected, (tuple, list)) else (expected,))]
+
+
+def compare_with_torch(model: nn.Module, path: str | Path, inputs: Sequence[torch.Tensor]) -> Parity:
+    """Parity of the host library at ``path`` with ``model`` on ``inputs``."""
+    return relative_errors(torch_outputs(model, inputs), run_tvm(path, [t.numpy() for t in inputs]))
+
+
+def latency_ms(vm: relax.VirtualMachine, inputs: Sequence[np.ndarray], device: tvm.runtime.Device,
+               repeat: int = 7, min_repeat_ms: int = 100) -> float:
+    """Median latency of ``main`` in milliseconds (``time_evaluator``: each of ``repeat`` runs
+    repeats the call until ``min_repeat_ms`` have passed)."""
+    args = [tvm.runtime.tensor(np.ascontiguousarray(x), device) for x in inputs]
+    timer = vm.time_evaluator("main", device, repeat=repeat, min_repeat_ms=min_repeat_ms)
+    return statistics.median(timer(*args).results) * 1e3
+
+
+class TvmModule(nn.Module):
+    """A host TVM library that looks like the PyTorch model it was compiled from (see
+    :class:`runtime_tests.onnxruntime_check.OnnxModule`); inputs must have the compiled shapes."""
+
+    def __init__(self, path: str | Path, **methods: Callable[..., Any]) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.vm = load_vm(path)
+        for name, method in methods.items():
+            setattr(self, name, method)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = tuple(torch.from_numpy(o) for o in run_vm(self.vm, [t.detach().cpu().numpy() for t in inputs], tvm.cpu()))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _run_remote(session: RemoteSession, path: Path, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+    vm = session.load_vm(path)
+    return run_vm(vm, inputs, session.device), latency_ms(vm, inputs, session.device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run a TVM library on random inputs, here or on an RPC device.")
+    parser.add_argument("library", type=Path)
+    parser.add_argument("--input-shape", action="append", required=True, help="e.g. 1,1,64,100 or 2,35:int64")
+    parser.add_argument("--device", help="rpc://host:port or tracker://host:port/key (default: this machine)")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(shape).astype(dtype) if dtype.startswith("float") else
+              rng.integers(0, 10, shape).astype(dtype) for shape, dtype in map(_shape, args.input_shape)]
+    if args.device:
+        with remote_session(args.device) as session:
+            outputs, latency = _run_remote(session, args.library, inputs)
+    else:
+        vm = load_vm(args.library)
+        outputs, latency = run_vm(vm, inputs, tvm.cpu()), latency_ms(vm, inputs, tvm.cpu())
+    for i, out in enumerate(outputs):
+        print(f"output {i}: shape {out.shape}, dtype {out.dtype}, finite {bool(np.isfinite(out).all())}")
+    print(f"latency: {latency:.3f} ms (median of 7)")
+
+
+if __name__ == "__main__":
+    main()
