@@ -9,11 +9,13 @@ from torch import nn
 
 from compressor import MagnitudePruner, OneShot, PruneGroup
 from exporters.onnx import export_onnx
-from exporters.onnx_compress import compress_initializers
+from compressor.blocks import BlockShape
+from exporters.onnx_compress import compress_file, compress_initializers
+from exporters.onnx_gru import lower_gru_file
 from exporters.onnx_quantize import quantize_int8
 from runtime_tests.onnxruntime_check import compare_with_torch, run_onnx
 
-from .test_onnx_export import BiLSTMModel
+from runtime_tests.models import CASES, BiLSTMModel, pruned
 
 INT8_RTOL = 2e-2  # dynamic int8 vs fp32 PyTorch, relative to the largest output
 
@@ -47,3 +49,28 @@ def test_int8_pruned_artifact(name, tmp_path):
     assert np.array_equal(run_onnx(path, [example.numpy()])[0], run_onnx(int8, [example.numpy()])[0])
     if name == "linear-stack":  # 90 % sparse int8 + bit-mask against the fp32 dense artifact
         assert plain.size_bytes / path.stat().st_size > 12
+
+
+INT8_MODEL_RTOL = 6e-2  # whole models: activations are quantized at run time in every layer
+
+
+@pytest.mark.parametrize("block", [BlockShape(), BlockShape(16, 1)], ids=["unstructured", "block16x1"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pruned_int8_compressed_artifact_of_every_model(name, block, tmp_path):
+    """Every model kind, 90 % pruned (elementwise or in 16×1 blocks), GRUs lowered so their
+    matmuls are int8 too, quantized and compressed: close to PyTorch fp32, compression bit-exact."""
+    torch.manual_seed(0)
+    factory, example, other, axes = CASES[name]
+    model = pruned(factory().eval(), block).eval()
+    plain = export_onnx(model, (example,), tmp_path / "fp32.onnx", dynamic_axes=axes)
+    lowered = lower_gru_file(plain.path, tmp_path / "lowered.onnx")
+    int8 = quantize_int8(lowered, tmp_path / "int8.onnx")
+    compressed = tmp_path / "int8.compressed.onnx"
+    report = compress_file(int8, compressed)
+    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
+    assert "GRU" not in ops
+    for inputs in ((example,), (other,)):
+        assert compare_with_torch(model, int8, inputs).worst < INT8_MODEL_RTOL
+        for a, b in zip(run_onnx(int8, [t.numpy() for t in inputs]), run_onnx(compressed, [t.numpy() for t in inputs])):
+            np.testing.assert_array_equal(a, b)
+    assert all(t.stored_bytes < t.dense_bytes for t in report)
