@@ -3,10 +3,10 @@
 import pytest
 from click.testing import CliRunner
 
-from compressor.cli import main
 from compressor.demo import run_pruning_demo
 from compressor.schedules import count_to_prune
 from compressor.tasks.adding import BASELINE_MSE
+from pipeline.cli import main
 
 
 def test_demo_prunes_to_the_requested_sparsity_and_learns():

@@ -1,0 +1,5 @@
+"""``python -m pipeline`` = ``compress-and-export``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,163 @@
+"""Loading the model a user hands over, without ever running untrusted code by default.
+
+- a shipped checkpoint name (``ds2-mini-digits``; see ``compress-and-export zoo``);
+- a ``state_dict``: ``.pt`` / ``.pth`` read with ``torch.load(weights_only=True)``, or
+  ``.safetensors`` (read here: an 8-byte little-endian header length, a JSON header, raw
+  little-endian tensors); the module comes from a zoo name or a factory;
+- a ``torch.export`` program (``.pt2``): ``torch.export.load(...).module()`` — a graph module
+  for one-shot pruning without training;
+- a fully pickled ``nn.Module`` only with ``trust_checkpoint=True``: unpickling runs code.
+
+A factory is ``"package.module:function"`` or ``"path/to/file.py:function"``; it returns the
+module, or ``(module, example_inputs)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.zoo import MODELS, build_model
+from compressor.zoo.pretrained import RECIPES, load_pretrained
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model that cannot be loaded; the message names the problem and the fix."""
+
+
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None, "I64": np.int64,
+                      "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file."""
+    data = path.read_bytes()
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + length])
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not a safetensors file (bad header: {error}): re-save it with safetensors") from error
+    body = memoryview(data)[8 + length:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if end > len(body) or start > end:
+            raise CheckpointError(f"{path} is truncated ({name} ends at byte {end} of {len(body)}): copy the file again")
+        if info["dtype"] == "BF16":
+            raw = np.frombuffer(body[start:end], np.uint16).astype(np.uint32) << 16
+            tensors[name] = torch.from_numpy(raw.view(np.float32).reshape(info["shape"]).copy()).to(torch.bfloat16)
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        tensors[name] = torch.from_numpy(np.frombuffer(body[start:end], dtype).reshape(info["shape"]).copy())
+    return tensors
+
+
+def load_factory(spec: str) -> Callable[..., Any]:
+    """``"module.path:function"`` or ``"file.py:function"`` → the function."""
+    target, _, function = spec.rpartition(":")
+    if not target or not function:
+        raise CheckpointError(f"--model {spec!r}: write module.path:factory or path/to/file.py:factory")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.exists():
+            raise CheckpointError(f"--model {spec!r}: {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[path.stem] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as error:
+            raise CheckpointError(f"--model {spec!r}: cannot import {target} ({error}): check the module path") from error
+    if not hasattr(module, function):
+        raise CheckpointError(f"--model {spec!r}: {target} has no function {function}")
+    return getattr(module, function)
+
+
+def build_module(name: str, factory: str) -> tuple[nn.Module, tuple[torch.Tensor, ...] | None]:
+    """The (untrained) module from a factory or a zoo name, and the factory's example inputs if any."""
+    if factory:
+        built = load_factory(factory)()
+        module, examples = (built[0], tuple(built[1])) if isinstance(built, tuple) else (built, None)
+        if not isinstance(module, nn.Module):
+            raise CheckpointError(f"the factory {factory} returned {type(module).__name__}, not an nn.Module")
+        return module, examples
+    if name not in MODELS:
+        raise CheckpointError(f"unknown model {name!r}: give a zoo name ({', '.join(sorted(MODELS))}) or --model module:factory")
+    return build_model(name), None
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``module.load_state_dict(state)`` with every mismatch listed in one error."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"missing {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}" if missing else "",
+                 f"unexpected {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}" if unexpected else "",
+                 f"shape mismatch {'; '.join(shapes[:8])}" if shapes else ""]
+        raise CheckpointError(f"{source} does not match the model ({'; '.join(p for p in parts if p)}): "
+                              "build the model it was saved from (--model / the recipe's [model])")
+    module.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state.items()})
+
+
+def load_model(checkpoint: str, name: str = "", factory: str = "", trust_checkpoint: bool = False
+               ) -> tuple[nn.Module, tuple[torch.Tensor, ...] | None]:
+    """The model (eval mode) and the factory's example inputs, if it gave any (see the module docstring)."""
+    if checkpoint in RECIPES and not Path(checkpoint).exists():
+        return load_pretrained(checkpoint), None
+    if not checkpoint:
+        module, examples = build_module(name, factory)
+        return module.eval(), examples
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {checkpoint} not found: give a file or a shipped checkpoint "
+                              f"({', '.join(sorted(RECIPES))})")
+    if path.suffix == ".pt2":
+        try:
+            return torch.export.load(str(path)).module(), None
+        except Exception as error:
+            raise CheckpointError(f"{path} is not a torch.export program ({type(error).__name__}): save it with "
+                                  "torch.export.save") from error
+    if path.suffix == ".safetensors":
+        state: Any = read_safetensors(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            text = str(error)
+            if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+                if not trust_checkpoint:
+                    raise CheckpointError(f"{path} holds pickled code (a whole module), which is not loaded by default: "
+                                          "save model.state_dict() instead, or pass --trust-checkpoint if you trust "
+                                          "the file") from error
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            else:
+                raise CheckpointError(f"{path} is truncated or corrupt ({type(error).__name__}): copy or save it again"
+                                      ) from error
+    if isinstance(state, nn.Module):
+        return state.eval(), None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state_dict (a mapping of names to tensors): save model.state_dict()")
+    module, examples = build_module(name, factory)
+    load_state(module, state, str(path))
+    return module.eval(), examples

@@ -1,0 +1,194 @@
+"""The whole job: load → prune → pack → export → check → report, from one :class:`Recipe`.
+
+Every figure in the report is measured in this run: sizes from the files and the one size
+accounting function (:func:`compressor.size.size_report`), parity against PyTorch on the example
+inputs, the task metric of the dense model, the pruned model and every artifact, and median
+latencies of PyTorch, ONNX Runtime and TVM at the same thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compressor.size import size_report
+
+from . import stages
+from .checkpoint import load_model
+from .recipe import Recipe
+from .report import write_report
+
+#: parity tolerances, relative to the largest reference output
+FP32_RTOL = 1e-4
+INT8_ONNX_RTOL = 6e-2  # ONNX Runtime's dynamic int8 quantizes activations too
+STORED_WEIGHTS_RTOL = 1e-4  # TVM's int8 kernels compute exactly with the stored weights
+
+
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(f"== {text}", flush=True)
+
+
+def _evaluate(task, model, name: str) -> dict[str, float]:
+    start = time.perf_counter()
+    metrics = task.evaluate(model)
+    return {**metrics, "seconds": time.perf_counter() - start, "evaluated": name}
+
+
+def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Run every stage of ``recipe``; write the artifacts and the report into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = recipe.check.threads
+    torch.set_num_threads(threads)
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, since: float) -> None:
+        timings[stage] = time.perf_counter() - since
+
+    t = time.perf_counter()
+    _say(progress, "load")
+    model, factory_examples = load_model(recipe.model.checkpoint, recipe.model.name, recipe.model.factory, recipe.model.trust_checkpoint)
+    task = stages.make_task(recipe.data, progress)
+    inputs = stages.example_inputs(task, recipe.data, factory_examples)
+    timed("load", t)
+
+    report: dict[str, Any] = {"schema": 1, "recipe": recipe.as_dict(), "inputs": [list(x.shape) for x in inputs],
+                              "task": getattr(task, "name", None), "metric": getattr(task, "metric", None)}
+    metrics: dict[str, dict] = {}
+    if task is not None:
+        _say(progress, "evaluate the dense model")
+        metrics["pytorch dense"] = _evaluate(task, model, "pytorch dense")
+
+    t = time.perf_counter()
+    _say(progress, f"prune ({recipe.prune.method}, {recipe.prune.sparsity:.0%})")
+    pruned = stages.prune_model(model, task, recipe.prune, threads, progress)
+    report["prune"] = pruned.record
+    timed("prune", t)
+    if task is not None:
+        metrics["pytorch pruned"] = _evaluate(task, pruned.model, "pytorch pruned")
+
+    t = time.perf_counter()
+    _say(progress, "pack")
+    packed = stages.pack(pruned.model, recipe.pack, recipe.prune)
+    sizes = size_report(packed)
+    report["size"] = sizes.as_dict()
+    report["quant_errors"] = [e.__dict__ for e in packed.quant_errors()]
+    reference = packed.dequantized()
+    if task is not None and recipe.pack.int8:
+        metrics["pytorch packed (stored weights)"] = _evaluate(task, reference, "pytorch packed")
+    timed("pack", t)
+
+    artifacts: dict[str, dict] = {}
+    parity: dict[str, float] = {}
+    torch_ref = [o.numpy() for o in _outputs(pruned.model, inputs)]
+    stored_ref = [o.numpy() for o in _outputs(reference, inputs)]
+    if "onnx" in recipe.export.formats:
+        t = time.perf_counter()
+        _say(progress, "export ONNX")
+        axes = stages.dynamic_axes_for(getattr(task, "name", ""), len(inputs))
+        artifacts["onnx"] = stages.export_onnx_artifact(pruned.model, inputs, out, recipe.pack.int8, axes)
+        from runtime_tests.onnxruntime_check import OnnxModule, run_onnx
+
+        got = run_onnx(artifacts["onnx"]["path"], [x.numpy() for x in inputs])
+        parity["onnx"] = max(stages.relative_error(e, a) for e, a in zip(torch_ref, got))
+        artifacts["onnx"]["parity_tolerance"] = INT8_ONNX_RTOL if recipe.pack.int8 else FP32_RTOL
+        if task is not None:
+            methods = {"output_lengths": pruned.model.output_lengths} if hasattr(pruned.model, "output_lengths") else {}
+            metrics["onnx runtime"] = _evaluate(task, OnnxModule(artifacts["onnx"]["path"], threads, **methods),
+                                                "onnx runtime")
+        timed("export onnx", t)
+    if "tvm" in recipe.export.formats:
+        for target in recipe.export.targets:
+            t = time.perf_counter()
+            _say(progress, f"export TVM ({target})")
+            key = f"tvm {target}"
+            artifacts[key] = stages.export_tvm_artifact(packed, inputs, out, target)
+            artifacts[key]["parity_tolerance"] = STORED_WEIGHTS_RTOL
+            if target == "host":
+                from runtime_tests.tvm_check import run_tvm
+
+                got = run_tvm(artifacts[key]["path"], [x.numpy() for x in inputs])
+                parity[key] = max(stages.relative_error(e, a) for e, a in zip(stored_ref, got))
+            timed(f"export {key}", t)
+
+    t = time.perf_counter()
+    _say(progress, "measure latency")
+    report["latency_ms"] = _latencies(recipe, pruned.model, model, artifacts, inputs, packed, out)
+    timed("latency", t)
+
+    report.update({"metrics": metrics, "parity": parity, "artifacts": artifacts, "timings_s": timings,
+                   "total_seconds": time.perf_counter() - started, "machine": _machine(threads)})
+    report["checks_passed"] = all(parity[k] <= artifacts[k]["parity_tolerance"] for k in parity)
+    write_report(report, out)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    return report
+
+
+def _outputs(model, inputs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        result = model.eval()(*inputs)
+    return list(result) if isinstance(result, (tuple, list)) else [result]
+
+
+def _latencies(recipe: Recipe, pruned_model, dense_model, artifacts: dict, inputs, packed, out: Path) -> dict:
+    """Median latency (ms) per backend and batch size, all at ``recipe.check.threads`` threads."""
+    import tvm
+
+    from exporters.tvm import export_tvm
+    from runtime_tests.tvm_check import latency_ms, load_vm
+
+    threads = recipe.check.threads
+    result: dict[str, dict[str, float]] = {}
+    for batch in recipe.check.batches:
+        batch_inputs = stages.batched(inputs, batch)
+        arrays = [x.numpy() for x in batch_inputs]
+        row = {"pytorch dense": stages.torch_latency_ms(dense_model, batch_inputs),
+               "pytorch pruned": stages.torch_latency_ms(pruned_model, batch_inputs)}
+        if "onnx" in artifacts:
+            steps = Path(artifacts["onnx"]["intermediate_dir"])
+            row["onnx runtime fp32"] = stages.onnx_latency_ms(steps / "model.fp32.onnx", arrays, threads)
+            row["onnx runtime artifact"] = stages.onnx_latency_ms(artifacts["onnx"]["path"], arrays, threads)
+        if "tvm host" in artifacts:
+            path = Path(artifacts["tvm host"]["path"])
+            if batch != inputs[0].shape[0]:
+                path = export_tvm(packed, batch_inputs, out / "tvm-steps" / f"model-host-b{batch}.so").path
+            row["tvm artifact"] = latency_ms(load_vm(path), arrays, tvm.cpu())
+        result[str(batch)] = row
+    if recipe.export.device and any(k.startswith("tvm") for k in artifacts):
+        from exporters.tvm_rpc import connect
+
+        session = connect(recipe.export.device)
+        key = next(k for k in artifacts if k.startswith("tvm") and not k.endswith("host")) if \
+            any(k.startswith("tvm") and not k.endswith("host") for k in artifacts) else "tvm host"
+        vm = session.load_vm(artifacts[key]["path"])
+        result["device"] = {"address": recipe.export.device, "artifact": key,
+                            "tvm artifact": latency_ms(vm, [x.numpy() for x in inputs], session.device)}
+    return result
+
+
+def _machine(threads: int) -> dict:
+    from bench.machine import machine_info
+
+    info = machine_info(threads)
+    info["python"] = platform.python_version()
+    return info
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "__dict__"):
+        return value.__dict__
+    return str(value)

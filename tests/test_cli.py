@@ -1,0 +1,182 @@
+"""The command line end to end (click's CliRunner and a subprocess), on small models; the
+report's numbers are checked against the artifacts on disk."""
+
+import json
+import pickle
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.recipe import RecipeError, load_recipe, parse_recipe, shipped_recipes
+
+FACTORY = '''
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(12, 32, batch_first=True)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc(self.gru(x)[0])
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+
+def build_with_inputs():
+    return build(), (torch.randn(1, 9, 12),)
+'''
+
+
+@pytest.fixture
+def factory(tmp_path):
+    path = tmp_path / "netdef.py"
+    path.write_text(FACTORY)
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_run_on_a_users_model_writes_a_consistent_report(factory, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("--model", f"{factory}:build_with_inputs", "--data", "none", "--method", "hard", "--sparsity",
+                    "0.8", "--format", "both", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["checks_passed"] and report["prune"]["sparsity_reached"] == pytest.approx(0.8, abs=0.01)
+    for name, artifact in report["artifacts"].items():
+        assert (out / artifact["path"].split("/")[-1]).stat().st_size == artifact["size_bytes"], name
+        assert report["parity"][name] <= artifact["parity_tolerance"]
+    packed = sum(layer["stored_bytes"] for layer in report["size"]["layers"])
+    assert report["size"]["packed_bytes"] == packed < report["size"]["dense_fp32_bytes"]
+    onnx.checker.check_model(str(out / "model.onnx"))
+    assert {p for p in report["plots"]} == {"size.png", "sparsity.png", "accuracy.png", "latency.png"}
+    assert all((out / p).stat().st_size > 1000 for p in report["plots"])
+    assert "report:" in result.output and "parity" in result.output
+
+
+def test_state_dict_and_safetensors_checkpoints(factory, tmp_path):
+    sys.path.insert(0, str(tmp_path))
+    from netdef import build
+
+    model = build()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "weights.pt")
+    header, offset, blobs = {}, 0, []
+    for name, tensor in state.items():
+        data = tensor.numpy().astype(np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    text = json.dumps(header).encode()
+    (tmp_path / "weights.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    for checkpoint in ("weights.pt", "weights.safetensors"):
+        out = tmp_path / checkpoint.replace(".", "-")
+        result = invoke(tmp_path / checkpoint, "--model", f"{factory}:build", "--data", "none", "--input-shape", "1,9,12",
+                        "--method", "hard", "--format", "onnx", "--fp32", "--out", out, "--quiet")
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "report.json").read_text())["parity"]["onnx"] < 1e-4
+
+
+class Payload:
+    """Unpickling this object would create a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_module_is_refused_without_trust_and_never_runs(factory, tmp_path):
+    evil = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+    with open(evil, "wb") as f:
+        pickle.dump({"weight": Payload(str(marker))}, f)
+    result = invoke(evil, "--model", f"{factory}:build", "--data", "none", "--input-shape", "1,9,12", "--out",
+                    tmp_path / "out", "--quiet")
+    assert result.exit_code == 2
+    assert "pickled code" in result.output and "--trust-checkpoint" in result.output
+    assert not marker.exists()
+
+
+def test_state_dict_mismatch_lists_the_keys(factory, tmp_path):
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pt")
+    result = invoke(tmp_path / "wrong.pt", "--model", f"{factory}:build", "--data", "none", "--input-shape", "1,9,12",
+                    "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 2
+    assert "missing gru.weight_ih_l0" in result.output and "shape mismatch fc.weight (3, 3) vs model (5, 32)" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.0"], "sparsity = 1.0"),
+    (["--block", "16by1"], "not a block shape"),
+    (["--target", "riscv"], "unknown target 'riscv'"),
+    (["--recipe", "no-such-recipe"], "recipe no-such-recipe not found"),
+])
+def test_bad_options_give_one_line_errors(args, message, tmp_path):
+    result = invoke(*args, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_recipes_parse_and_overrides_win(tmp_path):
+    assert {"default", "narang-gradual-90", "hard-90", "block-16x1"} <= set(shipped_recipes())
+    for name in shipped_recipes():
+        load_recipe(name)
+    recipe = parse_recipe('[prune]\nmethod = "hard"\nsparsity = 0.8\n[export]\nformats = ["onnx"]\n')
+    assert recipe.prune.method == "hard" and recipe.export.formats == ["onnx"] and recipe.pack.int8
+    assert recipe.override(prune__sparsity=0.5).prune.sparsity == 0.5
+    with pytest.raises(RecipeError, match="unknown key 'sparsty' in \\[prune\\]"):
+        parse_recipe("[prune]\nsparsty = 0.8\n")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        parse_recipe("[prune\n")
+
+
+def test_zoo_lists_models_checkpoints_and_recipes():
+    result = invoke("zoo")
+    assert result.exit_code == 0
+    assert "ds2-mini-digits" in result.output and "resnet8" in result.output and "block-16x1" in result.output
+
+
+def test_check_runs_any_onnx_artifact(factory, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("export", "--model", f"{factory}:build_with_inputs", "--data", "none", "--format", "onnx",
+                  "--out", out, "--quiet").exit_code == 0
+    result = invoke("check", out / "model.onnx", "--input-shape", "3,9,12")  # dynamic batch
+    assert result.exit_code == 0 and "output 0: shape (3, 9, 5)" in result.output
+    wrong = invoke("check", out / "model.onnx", "--input-shape", "3,9,13")
+    assert wrong.exit_code == 2 and wrong.output.startswith("error:")
+
+
+def test_subprocess_prune_stage(factory, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "prune", "--model", f"{factory}:build", "--data", "none",
+                           "--method", "hard", "--sparsity", "0.75", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    state = torch.load(out / "pruned.pt", weights_only=True)
+    assert float((state["gru.weight_hh_l0"] == 0).float().mean()) == pytest.approx(0.75, abs=0.01)
+
+
+def test_embedded_default_job_small(tmp_path):
+    """The README's first command with 40 fine-tuning steps."""
+    out = tmp_path / "out"
+    result = invoke("--steps", "40", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["artifacts"]) == {"onnx", "tvm host"} and report["checks_passed"]
+    assert report["metric"] == "cer" and set(report["metrics"]) >= {"pytorch dense", "pytorch pruned", "onnx runtime"}
+    assert report["size"]["compression"] > 8
