@@ -3,8 +3,9 @@
 ``export_tvm(model_or_packed, example_inputs, "out/model.so", target="aarch64-linux")``:
 
 1. :func:`~exporters.tvm_rewrite.to_relax`: ``torch.export`` → Relax, with every matmul over a
-   weight and every recurrent time loop running the project's TIR kernels over the packed
-   weights (BSR r×c / CSR / scheduled dense; fp32 or int8 with per-row scales).
+   weight, every convolution (im2col + the same matmul kernels; grouped ones stay with TVM)
+   and every recurrent time loop running the project's TIR kernels over the packed weights
+   (BSR r×c / CSR / scheduled dense; fp32 or int8 with per-row scales).
 2. ``tvm.compile`` for the target (:mod:`exporters.tvm_targets`) and ``export_library``; the file
    is written under a temporary name and renamed, so a failed export leaves nothing behind.
 

@@ -9,7 +9,9 @@
 3. :class:`MatmulRewriter` replaces every ``matmul(x, permute_dims(W))`` whose ``W`` is a
    parameter by ``call_tir`` of :func:`~exporters.tvm_kernels.matmul_kernel` over the packed
    ``W`` (the ``PackedModel`` entry, or the dense weight in the scheduled dense kernel):
-   ``x [..., K]`` is reshaped to ``[M, K]`` and the result back to ``[..., N]``.
+   ``x [..., K]`` is reshaped to ``[M, K]`` and the result back to ``[..., N]``.  Every
+   ``conv1d`` / ``conv2d`` over a parameter with ``groups == 1`` becomes im2col + the same
+   matmul kernels (:mod:`exporters.tvm_conv`); grouped convolutions stay with TVM.
 4. The remaining parameters are bound as constants; unused ones are dropped.
 """
 
@@ -30,6 +32,7 @@ from compressor.packed_model import PackedModel
 from compressor.packing import PackedWeight, pack
 
 from .recurrence import scan_recurrent_layers
+from .tvm_conv import conv_shape, emit_conv
 from .tvm_kernels import matmul_kernel
 from .tvm_recurrence_kernel import recurrence_kernel
 
@@ -41,7 +44,8 @@ MAX_STATIC_ROWS = 16
 
 @dataclass
 class KernelUse:
-    """One replaced operator: the weight's name, the kernel and the bytes it moves per call."""
+    """One replaced operator: the weight's name, the kernel and the bytes it moves per call (a
+    convolution: its matmul kernel, and the bytes of all its chunks' matmul calls)."""
 
     weight: str
     kernel: str
@@ -56,8 +60,8 @@ class RelaxModel:
 
     mod: tvm.IRModule
     kernels: list[KernelUse] = field(default_factory=list)
-    #: packed weights that no kernel took (for example convolutions): compiled by TVM's default
-    #: pipeline from their stored values, so they are dense in the library
+    #: packed weights that no kernel took (grouped / depthwise convolutions, embeddings): compiled
+    #: by TVM's default pipeline from their stored values, so they are dense in the library
     left_dense: list[str] = field(default_factory=list)
 
     @property
@@ -96,7 +100,8 @@ def _static_shape(expr: relax.Expr) -> list[int] | None:
 
 @mutator
 class MatmulRewriter(PyExprMutator):
-    """Replaces ``matmul(x, permute_dims(W_param))`` (possibly through ``broadcast_to``) by our kernels."""
+    """Replaces ``matmul(x, permute_dims(W_param))`` (possibly through ``broadcast_to``) and
+    ``conv1d`` / ``conv2d`` over a parameter (groups 1) by our kernels."""
 
     def __init__(self, mod: tvm.IRModule, param_names: dict[str, str], weights: _Weights, uses: list[KernelUse],
                  kernels: dict[str, relax.GlobalVar]) -> None:
@@ -128,8 +133,31 @@ class MatmulRewriter(PyExprMutator):
             return None
         return self.param_names[source.name]
 
+    def _add_kernel(self, func: tvm.tirx.PrimFunc, name: str) -> relax.GlobalVar:
+        if name not in self.kernels:
+            self.kernels[name] = self.builder_.add_func(func, name)
+        return self.kernels[name]
+
+    def _conv(self, call: relax.Call) -> relax.Expr:
+        """``conv1d`` / ``conv2d`` over a parameter weight (groups 1, static shapes) as im2col +
+        our matmul kernel (:mod:`exporters.tvm_conv`); anything else is left to TVM."""
+        shape = conv_shape(call)
+        weight_var = call.args[1]
+        if shape is None or not isinstance(weight_var, relax.Var) or weight_var.name not in self.param_names:
+            return call
+        name = self.param_names[weight_var.name]
+        weight = self.weights.get(name)
+        if tuple(weight.shape) != shape.weight_shape:
+            return call
+        out, calls = emit_conv(self.builder_, self._add_kernel, call.args[0], shape, weight)
+        self.uses.append(KernelUse(name, calls[0][0].name, _format_tag(weight), weight.dtype,
+                                   sum(kernel.bytes_moved_for(rows) for kernel, rows in calls)))
+        return out
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name in ("relax.nn.conv1d", "relax.nn.conv2d"):
+            return self._conv(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
             return call
         name = self._weight_param(call.args[1])
