@@ -9,9 +9,9 @@
 2. ``tvm.compile`` for the target (:mod:`exporters.tvm_targets`) and ``export_library``; the file
    is written under a temporary name and renamed, so a failed export leaves nothing behind.
 
-Shapes are those of the example inputs (a library per batch size); recurrent layers loop over
-the time axis inside one kernel, so compile time and library size do not grow with the
-sequence length.  Load the library with :func:`runtime_tests.tvm_check.load_vm` (a
+Shapes are those of the example inputs (a library per batch size) unless ``dynamic_axes`` makes
+some of them run-time sizes; recurrent layers loop over the time axis inside one kernel, so
+compile time and library size do not grow with the sequence length.  Load the library with :func:`runtime_tests.tvm_check.load_vm` (a
 ``relax.VirtualMachine``; function ``main``).
 """
 
@@ -55,15 +55,17 @@ class TvmArtifact:
 
 
 def export_tvm(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tensor], path: str | Path,
-               target: str = "host") -> TvmArtifact:
+               target: str = "host", dynamic_axes: dict[int, Sequence[int]] | None = None) -> TvmArtifact:
     """Compile ``model`` for ``target`` ("host", "aarch64-linux" or "android") into ``path``.
 
     The suffix of ``path`` is replaced by the target's: ``.so``, or ``.tar`` (objects to link)
-    for Android without an NDK."""
+    for Android without an NDK.  ``dynamic_axes`` (``{input index: [axes]}``) makes those axes
+    run-time sizes, e.g. ``{0: [3]}`` for the time axis of a spectrogram
+    (:func:`~exporters.tvm_rewrite.to_relax`)."""
     compiled_for = compile_target(target)
     inputs = tuple(example_inputs)
     start = time.perf_counter()
-    relax_model = to_relax(model, inputs)
+    relax_model = to_relax(model, inputs, dynamic_axes)
     executable = tvm.compile(relax_model.mod, target=compiled_for.target)
     path = Path(path).with_suffix(compiled_for.suffix)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -164,22 +164,55 @@ class MatmulRewriter(PyExprMutator):
         x = self._resolve(call.args[0])
         if isinstance(x, relax.Call) and x.op == tvm.ir.Op.get("relax.broadcast_to"):
             x = x.args[0]
-        x_shape, out_shape = _static_shape(x), _static_shape(call)
-        if name is None or x_shape is None or out_shape is None or x.ty.dtype != "float32":
+        x_dims, out_dims = _dims(x), _dims(call)
+        if name is None or x_dims is None or out_dims is None or x.ty.dtype != "float32":
             return call
         weight = self.weights.get(name)
         n, k = weight.matrix_shape
-        if x_shape[-1] != k or out_shape[-1] != n:
+        if not (_is_int(x_dims[-1], k) and _is_int(out_dims[-1], n)):
             return call
-        rows = math.prod(x_shape[:-1])
-        kernel = matmul_kernel(weight, rows if rows <= MAX_STATIC_ROWS else None)
+        rows = _product(x_dims[:-1])
+        static_rows = int(rows) if isinstance(rows, tvm.tirx.IntImm) else None
+        kernel = matmul_kernel(weight, static_rows if static_rows is not None and static_rows <= MAX_STATIC_ROWS else None)
         if kernel.name not in self.kernels:
             self.kernels[kernel.name] = self.builder_.add_func(kernel.func, kernel.name)
-        self.uses.append(KernelUse(name, kernel.name, _format_tag(weight), weight.dtype, kernel.bytes_moved_for(rows)))
-        flat = self.builder_.emit(relax.op.reshape(x, (rows, k))) if len(x_shape) != 2 else x
+        self.uses.append(KernelUse(name, kernel.name, _format_tag(weight), weight.dtype,
+                                   kernel.bytes_moved_for(static_rows) if static_rows is not None else
+                                   kernel.bytes_moved_for(1)))
+        flat = self.builder_.emit(relax.op.reshape(x, (rows, k))) if len(x_dims) != 2 else x
         y = relax.call_tir(self.kernels[kernel.name], [flat, *(relax.const(c) for c in kernel.constants)],
                            relax.TensorType((rows, n), "float32"))
-        return relax.op.reshape(self.builder_.emit(y), out_shape) if len(out_shape) != 2 else y
+        return relax.op.reshape(self.builder_.emit(y), out_dims) if len(out_dims) != 2 else y
+
+
+def _dims(expr: relax.Expr) -> list | None:
+    """The shape of a tensor expression as PrimExprs (symbolic dimensions allowed), or None."""
+    shape = expr.ty.shape
+    return None if shape is None else list(shape.values)
+
+
+def _is_int(dim, value: int) -> bool:
+    return isinstance(dim, tvm.tirx.IntImm) and int(dim) == value
+
+
+def _product(dims: list):
+    """The product of shape dimensions: an ``IntImm`` when all are static."""
+    constant = math.prod(int(d) for d in dims if isinstance(d, tvm.tirx.IntImm))
+    total = tvm.tirx.IntImm("int64", constant)
+    for dim in dims:
+        if not isinstance(dim, tvm.tirx.IntImm):
+            total = total * dim
+    return total
+
+
+def _dynamic_shapes(inputs: Sequence[torch.Tensor], axes: dict[int, Sequence[int]] | None):
+    if not axes:
+        return None
+    for index, dims in axes.items():
+        if index >= len(inputs) or any(not 0 <= d < inputs[index].dim() for d in dims):
+            raise ValueError(f"dynamic axes {dims} of input {index} do not exist: inputs have shapes "
+                             f"{[tuple(x.shape) for x in inputs]}")
+    return tuple({d: torch.export.Dim.AUTO for d in axes.get(i, ())} or None for i in range(len(inputs)))
 
 
 def _recurrence_converter(param_names: dict[str, str], weights: _Weights, uses: list[KernelUse]):
@@ -209,9 +242,15 @@ def _recurrence_converter(param_names: dict[str, str], weights: _Weights, uses: 
     return convert
 
 
-def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tensor]) -> RelaxModel:
+def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tensor],
+             dynamic_axes: dict[int, Sequence[int]] | None = None) -> RelaxModel:
     """The model as a Relax module with every matmul over a weight and every recurrent loop
-    running our kernels over the packed weights (see the module docstring)."""
+    running our kernels over the packed weights (see the module docstring).
+
+    ``dynamic_axes`` (``{input index: [axes]}``, e.g. ``{0: [3]}`` for the time axis of a
+    spectrogram) makes those axes run-time sizes (``torch.export`` with ``Dim.AUTO``); the
+    batch axis of recurrent layers stays static.  Matmuls then use the kernels whose row count is
+    a run-time value; convolutions with symbolic shapes are left to TVM."""
     module, packed = (model.module, model.weights) if isinstance(model, PackedModel) else (model, {})
     if any(hasattr(m, "parametrizations") for m in module.modules()):
         raise ValueError("the model still has pruning masks attached: call pruner.finalize() before exporting")
@@ -219,7 +258,8 @@ def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tens
         module = model.dequantized()  # layers left to TVM compute with the stored values too
     scanned = scan_recurrent_layers(module).eval()
     with torch.no_grad():
-        program = torch.export.export(scanned, tuple(example_inputs))
+        program = torch.export.export(scanned, tuple(example_inputs), dynamic_shapes=_dynamic_shapes(
+            example_inputs, dynamic_axes))
     signature = program.graph_signature
     param_names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     weights = _Weights(module, packed)

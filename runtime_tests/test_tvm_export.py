@@ -175,3 +175,21 @@ def test_packed_model_dequantized_carries_stored_weights():
     assert isinstance(packed, PackedModel)
     for name, weight in packed.weights.items():
         assert np.array_equal(dict(reference.named_parameters())[name].detach().numpy(), weight.to_dense())
+
+
+def test_dynamic_time_axis_one_library_for_every_length(tmp_path):
+    """ds2-mini with a run-time time axis: the convolutions stay with TVM, matmuls and recurrent
+    loops use the kernels whose row / step counts are run-time values."""
+    from runtime_tests.tvm_check import TvmModule
+
+    model = pruned(build_model("ds2-mini", hidden=64).eval())
+    packed = pack_model(model, PackingConfig(dtype="int8"))
+    artifact = export_tvm(packed, (torch.randn(1, 1, 64, 40),), tmp_path / "dyn.so", dynamic_axes={0: [3]})
+    reference = packed.dequantized()
+    for frames in (17, 40, 123):
+        assert compare_with_torch(reference, artifact.path, (torch.randn(1, 1, 64, frames),)).worst < FP32_RTOL
+    batch = torch.randn(3, 1, 64, 50)  # three utterances run one by one through the batch-1 library
+    with torch.no_grad():
+        assert torch.allclose(TvmModule(artifact.path, batch=1)(batch), reference(batch), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="dynamic axes"):
+        export_tvm(packed, (torch.randn(1, 1, 64, 40),), tmp_path / "bad.so", dynamic_axes={0: [4]})

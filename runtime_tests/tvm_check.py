@@ -80,17 +80,23 @@ def latency_ms(vm: relax.VirtualMachine, inputs: Sequence[np.ndarray], device: t
 
 class TvmModule(nn.Module):
     """A host TVM library that looks like the PyTorch model it was compiled from (see
-    :class:`runtime_tests.onnxruntime_check.OnnxModule`); inputs must have the compiled shapes."""
+    :class:`runtime_tests.onnxruntime_check.OnnxModule`).  The library's batch size is fixed at
+    export (``batch``): a larger batch is run in slices of that size along axis 0 of every input
+    and output; other axes must have the compiled sizes, or be dynamic axes of the export."""
 
-    def __init__(self, path: str | Path, **methods: Callable[..., Any]) -> None:
+    def __init__(self, path: str | Path, batch: int = 1, **methods: Callable[..., Any]) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path, self.batch = Path(path), batch
         self.vm = load_vm(path)
         for name, method in methods.items():
             setattr(self, name, method)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        outputs = tuple(torch.from_numpy(o) for o in run_vm(self.vm, [t.detach().cpu().numpy() for t in inputs], tvm.cpu()))
+        slices = []
+        for start in range(0, inputs[0].shape[0], self.batch):
+            arrays = [t[start:start + self.batch].detach().cpu().numpy() for t in inputs]
+            slices.append(run_vm(self.vm, arrays, tvm.cpu()))
+        outputs = tuple(torch.from_numpy(np.concatenate(parts)) for parts in zip(*slices))
         return outputs[0] if len(outputs) == 1 else outputs
 
 
