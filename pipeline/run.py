@@ -112,13 +112,18 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
             t = time.perf_counter()
             _say(progress, f"export TVM ({target})")
             key = f"tvm {target}"
-            artifacts[key] = stages.export_tvm_artifact(packed, inputs, out, target)
+            axes = stages.tvm_dynamic_axes(getattr(task, "name", ""), len(inputs))
+            artifacts[key] = stages.export_tvm_artifact(packed, inputs, out, target, axes)
             artifacts[key]["parity_tolerance"] = STORED_WEIGHTS_RTOL
             if target == "host":
-                from runtime_tests.tvm_check import run_tvm
+                from runtime_tests.tvm_check import TvmModule, run_tvm
 
                 got = run_tvm(artifacts[key]["path"], [x.numpy() for x in inputs])
                 parity[key] = max(stages.relative_error(e, a) for e, a in zip(stored_ref, got))
+                if task is not None and (axes or not getattr(task, "name", "").startswith(("speech", "charlm"))):
+                    methods = {"output_lengths": reference.output_lengths} if hasattr(reference, "output_lengths") else {}
+                    metrics["tvm host"] = _evaluate(task, TvmModule(artifacts[key]["path"], inputs[0].shape[0], **methods),
+                                                    "tvm host")
             timed(f"export {key}", t)
 
     t = time.perf_counter()

@@ -218,10 +218,22 @@ def export_onnx_artifact(model: nn.Module, inputs: Sequence[torch.Tensor], out: 
             "compressed_tensors": len(report), "intermediate_dir": str(work)}
 
 
-def export_tvm_artifact(packed: PackedModel, inputs: Sequence[torch.Tensor], out: Path, target: str) -> dict[str, Any]:
+def tvm_dynamic_axes(task_name: str, n_inputs: int) -> dict[int, list[int]] | None:
+    """Run-time time axis of the TVM library for speech and text models (batch stays fixed)."""
+    if n_inputs != 1:
+        return None
+    if task_name.startswith("speech"):
+        return {0: [3]}
+    if task_name == "charlm":
+        return {0: [1]}
+    return None
+
+
+def export_tvm_artifact(packed: PackedModel, inputs: Sequence[torch.Tensor], out: Path, target: str,
+                        dynamic_axes: dict[int, list[int]] | None = None) -> dict[str, Any]:
     from exporters.tvm import export_tvm
 
-    artifact = export_tvm(packed, inputs, out / f"model-{target}.so", target=target)
+    artifact = export_tvm(packed, inputs, out / f"model-{target}.so", target=target, dynamic_axes=dynamic_axes)
     return {"path": str(artifact.path), "target": target, "size_bytes": artifact.size_bytes,
             "compile_seconds": artifact.compile_seconds, "kernels": [k.__dict__ for k in artifact.kernels],
             "left_dense": list(artifact.left_dense), "input_shapes": [list(s) for s in artifact.input_shapes]}

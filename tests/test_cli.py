@@ -180,3 +180,4 @@ def test_embedded_default_job_small(tmp_path):
     assert set(report["artifacts"]) == {"onnx", "tvm host"} and report["checks_passed"]
     assert report["metric"] == "cer" and set(report["metrics"]) >= {"pytorch dense", "pytorch pruned", "onnx runtime"}
     assert report["size"]["compression"] > 8
+
