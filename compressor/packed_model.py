@@ -9,8 +9,11 @@ chosen by :func:`choose_packing` (smallest by default) unless the config forces 
 from __future__ import annotations
 
 import copy
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -126,3 +129,48 @@ def pack_model(model: nn.Module, config: PackingConfig = PackingConfig()) -> Pac
         weight = getattr(ref.module, ref.attr).detach().cpu().float().numpy()
         weights[ref.name] = choose_packing(ref.name, weight, config)
     return PackedModel(model, weights)
+
+
+def save_packed(packed: PackedModel, path: str | Path) -> Path:
+    """Write the packed weights to one ``.npz``: every stored array as ``"<weight>/<array>"``
+    plus ``"<weight>/__meta__"`` (JSON: shape, format, dtype, block), and the rest of the
+    module's state (biases, normalization, layers left dense) as ``"__state__/<name>"``.
+    Written to a temporary name and renamed.  :func:`load_packed` reads it back exactly."""
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    for name, weight in packed.weights.items():
+        meta = {"shape": list(weight.shape), "format": weight.format, "dtype": weight.dtype,
+                "block": [weight.block.rows, weight.block.cols]}
+        arrays[f"{name}/__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        arrays.update({f"{name}/{key}": value for key, value in weight.arrays.items()})
+    for name, tensor in packed.module.state_dict().items():
+        if name not in packed.weights:
+            arrays[f"__state__/{name}"] = tensor.detach().cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_packed(path: str | Path, module: nn.Module) -> PackedModel:
+    """The :class:`PackedModel` saved by :func:`save_packed`, on ``module`` (built like the saved
+    one); the module receives the dequantized packed weights and the saved remaining state."""
+    with np.load(path, allow_pickle=False) as data:
+        files = {key: data[key] for key in data.files}
+    weights, state = {}, {}
+    for key, value in files.items():
+        owner, _, array = key.rpartition("/")
+        if owner == "__state__":
+            state[array] = torch.from_numpy(value)
+        elif array == "__meta__":
+            meta = json.loads(value.tobytes().decode())
+            stored = {k.rpartition("/")[2]: v for k, v in files.items() if k.rpartition("/")[0] == owner and not k.endswith("/__meta__")}
+            weights[owner] = PackedWeight(tuple(meta["shape"]), meta["format"], meta["dtype"], BlockShape(*meta["block"]), stored)
+    for name, weight in weights.items():
+        state[name] = torch.from_numpy(weight.to_dense())
+    module.load_state_dict(state)
+    return PackedModel(module, weights)

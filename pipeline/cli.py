@@ -163,6 +163,28 @@ def prune(checkpoint, out, quiet, debug, recipe, **options) -> None:
 
 @main.command()
 @with_options(RUN_OPTIONS)
+def pack(checkpoint, out, quiet, debug, recipe, **options) -> None:
+    """Pack a (pruned) checkpoint — CSR / BSR / bit-mask, fp32 or int8 — into OUT/packed.npz and
+    print its size table (compressor.packed_model.load_packed reads it back)."""
+    from compressor.packed_model import save_packed
+    from compressor.size import format_size_report, size_report
+
+    from . import stages
+    from .checkpoint import load_model
+
+    try:
+        built = build_recipe(recipe, checkpoint=checkpoint, **options)
+        model, _ = load_model(built.model.checkpoint, built.model.name, built.model.factory, built.model.trust_checkpoint)
+        packed = stages.pack(model, built.pack, built.prune)
+        path = save_packed(packed, Path(out) / "packed.npz")
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
+        fail(error, debug)
+    click.echo(format_size_report(size_report(packed)))
+    click.echo(f"packed weights → {path}")
+
+
+@main.command()
+@with_options(RUN_OPTIONS)
 def export(checkpoint, out, quiet, debug, recipe, **options) -> None:
     """Pack a (pruned) checkpoint and export it — no pruning, no training."""
     from compressor.size import format_size_report, size_report

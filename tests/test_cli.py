@@ -181,3 +181,17 @@ def test_embedded_default_job_small(tmp_path):
     assert report["metric"] == "cer" and set(report["metrics"]) >= {"pytorch dense", "pytorch pruned", "onnx runtime"}
     assert report["size"]["compression"] > 8
 
+
+
+def test_pack_stage_writes_packed_weights(factory, tmp_path):
+    from compressor.packed_model import load_packed
+
+    sys.path.insert(0, str(tmp_path))
+    from netdef import build
+
+    torch.save({k: v * (torch.rand_like(v) > 0.9) for k, v in build().state_dict().items()}, tmp_path / "sparse.pt")
+    out = tmp_path / "out"
+    result = invoke("pack", tmp_path / "sparse.pt", "--model", f"{factory}:build", "--out", out)
+    assert result.exit_code == 0, result.output
+    packed = load_packed(out / "packed.npz", build())
+    assert packed.weights["gru.weight_hh_l0"].dtype == "int8" and "TOTAL" in result.output

@@ -143,3 +143,26 @@ def test_pack_model_errors():
         PackingConfig(format="bsr")
     with pytest.raises(ValueError, match="format"):
         pack(np.zeros((2, 2), np.float32), "ell")
+
+
+def test_save_and_load_packed_round_trip(tmp_path):
+    from compressor.packed_model import PackingConfig, load_packed, pack_model, save_packed
+    from tests.models import Mixed
+
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(torch.rand_like(p) > 0.8)
+    packed = pack_model(model, PackingConfig(dtype="int8"))
+    path = save_packed(packed, tmp_path / "packed.npz")
+    loaded = load_packed(path, Mixed())
+    assert set(loaded.weights) == set(packed.weights)
+    for name, weight in packed.weights.items():
+        other = loaded.weights[name]
+        assert (other.format, other.dtype, other.block, other.shape) == (weight.format, weight.dtype, weight.block, weight.shape)
+        assert all(np.array_equal(other.arrays[k], v) and other.arrays[k].dtype == v.dtype for k, v in weight.arrays.items())
+    x = torch.randn(2, 1, 8, 7)
+    with torch.no_grad():
+        assert torch.equal(loaded.module.eval()(x), packed.dequantized().eval()(x))
