@@ -31,9 +31,22 @@ INT8_ONNX_RTOL = 6e-2  # ONNX Runtime's dynamic int8 quantizes activations too
 STORED_WEIGHTS_RTOL = 1e-4  # TVM's int8 kernels compute exactly with the stored weights
 
 
-def _say(progress: bool, text: str) -> None:
-    if progress:
-        print(f"== {text}", flush=True)
+class StageProgress:
+    """A progress bar over the stages of the run (training shows its own bar inside "prune")."""
+
+    def __init__(self, recipe: Recipe, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        total = 6 + len(recipe.export.targets) * ("tvm" in recipe.export.formats) + ("onnx" in recipe.export.formats)
+        self.bar = tqdm(total=total, desc="compress-and-export", unit="stage", disable=not enabled,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} stages |{bar}| {elapsed}")
+
+    def __call__(self, text: str) -> None:
+        self.bar.set_description_str(text)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _evaluate(task, model, name: str) -> dict[str, float]:
@@ -51,12 +64,13 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
     os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    stage = StageProgress(recipe, progress)
 
     def timed(stage: str, since: float) -> None:
         timings[stage] = time.perf_counter() - since
 
     t = time.perf_counter()
-    _say(progress, "load")
+    stage("load")
     model, factory_examples = load_model(recipe.model.checkpoint, recipe.model.name, recipe.model.factory, recipe.model.trust_checkpoint)
     task = stages.make_task(recipe.data, progress)
     inputs = stages.example_inputs(task, recipe.data, factory_examples)
@@ -66,11 +80,11 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
                               "task": getattr(task, "name", None), "metric": getattr(task, "metric", None)}
     metrics: dict[str, dict] = {}
     if task is not None:
-        _say(progress, "evaluate the dense model")
+        stage("evaluate the dense model")
         metrics["pytorch dense"] = _evaluate(task, model, "pytorch dense")
 
     t = time.perf_counter()
-    _say(progress, f"prune ({recipe.prune.method}, {recipe.prune.sparsity:.0%})")
+    stage(f"prune ({recipe.prune.method}, {recipe.prune.sparsity:.0%})")
     pruned = stages.prune_model(model, task, recipe.prune, threads, progress)
     report["prune"] = pruned.record
     timed("prune", t)
@@ -78,7 +92,7 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
         metrics["pytorch pruned"] = _evaluate(task, pruned.model, "pytorch pruned")
 
     t = time.perf_counter()
-    _say(progress, "pack")
+    stage("pack")
     packed = stages.pack(pruned.model, recipe.pack, recipe.prune)
     sizes = size_report(packed)
     report["size"] = sizes.as_dict()
@@ -94,7 +108,7 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
     stored_ref = [o.numpy() for o in _outputs(reference, inputs)]
     if "onnx" in recipe.export.formats:
         t = time.perf_counter()
-        _say(progress, "export ONNX")
+        stage("export ONNX")
         axes = stages.dynamic_axes_for(getattr(task, "name", ""), len(inputs))
         artifacts["onnx"] = stages.export_onnx_artifact(pruned.model, inputs, out, recipe.pack.int8, axes)
         from runtime_tests.onnxruntime_check import OnnxModule, run_onnx
@@ -110,7 +124,7 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
     if "tvm" in recipe.export.formats:
         for target in recipe.export.targets:
             t = time.perf_counter()
-            _say(progress, f"export TVM ({target})")
+            stage(f"export TVM ({target})")
             key = f"tvm {target}"
             axes = stages.tvm_dynamic_axes(getattr(task, "name", ""), len(inputs))
             artifacts[key] = stages.export_tvm_artifact(packed, inputs, out, target, axes)
@@ -127,12 +141,14 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
             timed(f"export {key}", t)
 
     t = time.perf_counter()
-    _say(progress, "measure latency")
+    stage("measure latency")
     report["latency_ms"] = _latencies(recipe, pruned.model, model, artifacts, inputs, packed, out)
     timed("latency", t)
 
     report.update({"metrics": metrics, "parity": parity, "artifacts": artifacts, "timings_s": timings,
                    "total_seconds": time.perf_counter() - started, "machine": _machine(threads)})
+    stage("report")
+    stage.close()
     report["checks_passed"] = all(parity[k] <= artifacts[k]["parity_tolerance"] for k in parity)
     write_report(report, out)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
