@@ -4,7 +4,8 @@ The time loop runs inside the kernel, so the library does not grow with the sequ
 the number of steps is a run-time value.  Each step is one parallel region over blocks of hidden
 units; the task of block ``ib`` computes the rows of that block in *every* gate of
 ``gh = h · W_hhᵀ`` (rows ``g·H + ib·R … g·H + ib·R + R − 1``), then the cell equations for those
-units, so gates never wait for each other.  ``h`` is double-buffered (read ``h_t``, write
+units, so gates never wait for each other; a large batch is taken a few samples at a time so
+that the accumulators stay in registers.  ``h`` is double-buffered (read ``h_t``, write
 ``h_{t+1}``); an LSTM's ``c`` belongs to one task and is updated in place.
 
 ``W_hh`` comes packed (:mod:`compressor.packing`):
@@ -39,6 +40,17 @@ class RecurrenceKernel:
     func: tvm.tirx.PrimFunc
     name: str
     constants: tuple[np.ndarray, ...]
+
+
+#: Accumulators stay below this many floats: TVM 0.27 keeps a global-scope ``decl_buffer`` under
+#: 1 KiB on the stack (in registers) but gives larger ones — and any ``scope="local"`` buffer — a
+#: heap allocation in every parallel task, several times slower (see exporters/tvm_kernels.py).
+MAX_ACCUMULATORS = 192
+
+
+def _batch_chunk(batch: int, per_sample: int) -> int:
+    """The largest divisor of ``batch`` whose accumulators (``per_sample`` floats each) fit."""
+    return max(d for d in range(1, batch + 1) if batch % d == 0 and (d == 1 or d * per_sample <= MAX_ACCUMULATORS))
 
 
 def _lanes(size: int) -> int:
@@ -77,6 +89,7 @@ def _sparse_kernel(cell: str, hidden: int, batch: int, rows: int, cols: int, wdt
                    idx_dtype: str, reverse: bool, int8: bool):
     gates, states = GATES[cell], 2 if cell == "lstm" else 1
     blocks = hidden // rows
+    chunk = _batch_chunk(batch, gates * rows)
     update = _cell_update(cell)
 
     @T.prim_func
@@ -97,27 +110,28 @@ def _sparse_kernel(cell: str, hidden: int, batch: int, rows: int, cols: int, wdt
             c_buf[b, k] = state[states - 1, b, k]
         for t in range(steps):
             for ib in T.parallel(blocks):
-                acc = T.decl_buffer((gates, batch, rows), FP32, scope="local")
-                gate = T.decl_buffer((gates,), FP32, scope="local")
-                for g in T.unroll(gates):
-                    for b in T.unroll(batch):
-                        for r in T.vectorized(rows):
-                            acc[g, b, r] = T.float32(0)
-                    for j in range(T.Cast("int32", indptr[g * blocks + ib]), T.Cast("int32", indptr[g * blocks + ib + 1])):
-                        for c in T.unroll(cols):
-                            for b in T.unroll(batch):
-                                for r in T.vectorized(rows):
-                                    acc[g, b, r] = acc[g, b, r] + T.Cast(FP32, data[j, c, r]) * h_buf[
-                                        t % 2, b, T.Cast("int32", indices[j]) * cols + c]
-                for b in T.serial(batch):
-                    for r in T.serial(rows):
-                        for g in T.unroll(gates):
-                            if int8:
-                                gate[g] = acc[g, b, r] * scales[g * hidden + ib * rows + r] + bias[g * hidden + ib * rows + r]
-                            else:
-                                gate[g] = acc[g, b, r] + bias[g * hidden + ib * rows + r]
-                        update(gi, gate, h_buf, c_buf, t % 2, (t + 1) % 2, y,
-                               steps - 1 - t if reverse else t, b, ib * rows + r, hidden)
+                for bo in range(batch // chunk):
+                    acc = T.decl_buffer((gates, chunk, rows), FP32)
+                    gate = T.decl_buffer((gates,), FP32)
+                    for g in T.unroll(gates):
+                        for b in T.unroll(chunk):
+                            for r in T.vectorized(rows):
+                                acc[g, b, r] = T.float32(0)
+                        for j in range(T.Cast("int32", indptr[g * blocks + ib]), T.Cast("int32", indptr[g * blocks + ib + 1])):
+                            for c in T.unroll(cols):
+                                for b in T.unroll(chunk):
+                                    for r in T.vectorized(rows):
+                                        acc[g, b, r] = acc[g, b, r] + T.Cast(FP32, data[j, c, r]) * h_buf[
+                                            t % 2, bo * chunk + b, T.Cast("int32", indices[j]) * cols + c]
+                    for b in T.serial(chunk):
+                        for r in T.serial(rows):
+                            for g in T.unroll(gates):
+                                if int8:
+                                    gate[g] = acc[g, b, r] * scales[g * hidden + ib * rows + r] + bias[g * hidden + ib * rows + r]
+                                else:
+                                    gate[g] = acc[g, b, r] + bias[g * hidden + ib * rows + r]
+                            update(gi, gate, h_buf, c_buf, t % 2, (t + 1) % 2, y,
+                                   steps - 1 - t if reverse else t, bo * chunk + b, ib * rows + r, hidden)
         for b, k in T.grid(batch, hidden):
             final[0, b, k] = h_buf[steps % 2, b, k]
             if states == 2:
@@ -129,6 +143,7 @@ def _sparse_kernel(cell: str, hidden: int, batch: int, rows: int, cols: int, wdt
 def _dense_kernel(cell: str, hidden: int, batch: int, wdtype: str, reverse: bool, int8: bool):
     gates, states = GATES[cell], 2 if cell == "lstm" else 1
     lanes = _lanes(hidden)
+    chunk = _batch_chunk(batch, gates * lanes)
     update = _cell_update(cell)
 
     @T.prim_func
@@ -146,28 +161,29 @@ def _dense_kernel(cell: str, hidden: int, batch: int, wdtype: str, reverse: bool
             c_buf[b, k] = state[states - 1, b, k]
         for t in range(steps):
             for unit in T.parallel(hidden):
-                acc = T.decl_buffer((gates, batch, lanes), FP32, scope="local")
-                gate = T.decl_buffer((gates,), FP32, scope="local")
-                for g in T.unroll(gates):
-                    for b in T.unroll(batch):
-                        for v in T.vectorized(lanes):
-                            acc[g, b, v] = T.float32(0)
-                    for ko in range(hidden // lanes):
-                        for b in T.unroll(batch):
-                            for v in T.vectorized(lanes):
-                                acc[g, b, v] = acc[g, b, v] + T.Cast(FP32, weight[g * hidden + unit, ko * lanes + v]) * h_buf[
-                                    t % 2, b, ko * lanes + v]
-                for b in T.serial(batch):
+                for bo in range(batch // chunk):
+                    acc = T.decl_buffer((gates, chunk, lanes), FP32)
+                    gate = T.decl_buffer((gates,), FP32)
                     for g in T.unroll(gates):
-                        gate[g] = T.float32(0)
-                        for v in T.serial(lanes):
-                            gate[g] = gate[g] + acc[g, b, v]
-                        if int8:
-                            gate[g] = gate[g] * scales[g * hidden + unit] + bias[g * hidden + unit]
-                        else:
-                            gate[g] = gate[g] + bias[g * hidden + unit]
-                    update(gi, gate, h_buf, c_buf, t % 2, (t + 1) % 2, y, steps - 1 - t if reverse else t, b, unit,
-                           hidden)
+                        for b in T.unroll(chunk):
+                            for v in T.vectorized(lanes):
+                                acc[g, b, v] = T.float32(0)
+                        for ko in range(hidden // lanes):
+                            for b in T.unroll(chunk):
+                                for v in T.vectorized(lanes):
+                                    acc[g, b, v] = acc[g, b, v] + T.Cast(FP32, weight[g * hidden + unit, ko * lanes + v]) * h_buf[
+                                        t % 2, bo * chunk + b, ko * lanes + v]
+                    for b in T.serial(chunk):
+                        for g in T.unroll(gates):
+                            gate[g] = T.float32(0)
+                            for v in T.serial(lanes):
+                                gate[g] = gate[g] + acc[g, b, v]
+                            if int8:
+                                gate[g] = gate[g] * scales[g * hidden + unit] + bias[g * hidden + unit]
+                            else:
+                                gate[g] = gate[g] + bias[g * hidden + unit]
+                        update(gi, gate, h_buf, c_buf, t % 2, (t + 1) % 2, y, steps - 1 - t if reverse else t,
+                               bo * chunk + b, unit, hidden)
         for b, k in T.grid(batch, hidden):
             final[0, b, k] = h_buf[steps % 2, b, k]
             if states == 2:
