@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ from compressor.packed_model import PackedModel
 from compressor.packing import PackedWeight, pack
 
 from .recurrence import scan_recurrent_layers
-from .tvm_conv import conv_shape, emit_conv
+from .tvm_conv import conv_shape, emit_conv, emit_conv_dyn
 from .tvm_kernels import matmul_kernel
 from .tvm_recurrence_kernel import recurrence_kernel
 
@@ -139,9 +140,11 @@ class MatmulRewriter(PyExprMutator):
         return self.kernels[name]
 
     def _conv(self, call: relax.Call) -> relax.Expr:
-        """``conv1d`` / ``conv2d`` over a parameter weight (groups 1, static shapes) as im2col +
-        our matmul kernel (:mod:`exporters.tvm_conv`); anything else is left to TVM."""
-        shape = conv_shape(call)
+        """``conv1d`` / ``conv2d`` over a parameter weight (groups 1) as im2col + our matmul
+        kernel (:mod:`exporters.tvm_conv`) in cache-sized pieces; a symbolic input height / width
+        (batch and channels static) through the matmul kernel of any row count and a run-time
+        number of pieces.  Anything else is left to TVM."""
+        shape = conv_shape(call, symbolic=True)
         weight_var = call.args[1]
         if shape is None or not isinstance(weight_var, relax.Var) or weight_var.name not in self.param_names:
             return call
@@ -149,6 +152,11 @@ class MatmulRewriter(PyExprMutator):
         weight = self.weights.get(name)
         if tuple(weight.shape) != shape.weight_shape:
             return call
+        if shape.symbolic:  # bytes of one row, as for the matmuls of a run-time row count
+            out, kernel = emit_conv_dyn(self.builder_, self._add_kernel, call.args[0], shape, weight, call.ty,
+                                        "conv_pieces_" + re.sub(r"\W", "_", name))
+            self.uses.append(KernelUse(name, kernel.name, _format_tag(weight), weight.dtype, kernel.bytes_moved_for(1)))
+            return out
         out, calls = emit_conv(self.builder_, self._add_kernel, call.args[0], shape, weight)
         self.uses.append(KernelUse(name, calls[0][0].name, _format_tag(weight), weight.dtype,
                                    sum(kernel.bytes_moved_for(rows) for kernel, rows in calls)))
@@ -250,7 +258,7 @@ def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tens
     ``dynamic_axes`` (``{input index: [axes]}``, e.g. ``{0: [3]}`` for the time axis of a
     spectrogram) makes those axes run-time sizes (``torch.export`` with ``Dim.AUTO``); the
     batch axis of recurrent layers stays static.  Matmuls then use the kernels whose row count is
-    a run-time value; convolutions with symbolic shapes are left to TVM."""
+    a run-time value; convolutions with symbolic spatial sizes loop over their pieces at run time."""
     module, packed = (model.module, model.weights) if isinstance(model, PackedModel) else (model, {})
     if any(hasattr(m, "parametrizations") for m in module.modules()):
         raise ValueError("the model still has pruning masks attached: call pruner.finalize() before exporting")

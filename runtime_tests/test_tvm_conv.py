@@ -3,7 +3,9 @@ packed weight, against PyTorch within 1e-4 relative (int8: against the dequantiz
 ``PackedModel.dequantized()``, whose weights the kernels compute with).  Geometry: strides,
 padding, dilation, odd sizes, bias, a 1-D convolution, batch 1 (one chunk) and 3 (many chunks
 with a remainder); dense fp32, pruned CSR fp32, BSR 4x4 int8; ResNet-8 and ds2-mini end to end;
-grouped convolutions left to TVM."""
+grouped convolutions left to TVM.  Symbolic input height / width (``dynamic_axes``): one library
+for every size, in pieces (thousands of them without overflowing the VM's stack), and ds2-mini
+with a run-time time axis through ``export_tvm``."""
 
 import itertools
 
@@ -17,9 +19,11 @@ from compressor.blocks import BlockShape
 from compressor.packed_model import PackingConfig, pack_model
 from compressor.zoo import build_model
 from exporters import tvm_conv
+from exporters.tvm import export_tvm
 from exporters.tvm_kernels import compile_host
 from exporters.tvm_rewrite import to_relax
 from runtime_tests.models import pruned
+from runtime_tests.tvm_check import compare_with_torch
 
 RTOL = 1e-4
 KINDS = {
@@ -140,3 +144,39 @@ def test_grouped_convs_are_left_to_tvm_and_correct():
     used = {use.weight for use in relax_model.kernels}
     assert used == conv_weights(model)
     assert set(relax_model.left_dense) == conv_weights(model, grouped=True) == {"grouped.weight", "depthwise.weight"}
+
+
+def test_symbolic_sizes_one_library_for_every_size(monkeypatch):
+    """Image height and width and signal length as run-time sizes: every convolution runs our
+    kernels (none is left to TVM), in pieces of 16 rows here (5,000 and more for the largest
+    image, which a chain of calls one inside the other would overflow the VM's stack with)."""
+    monkeypatch.setattr(tvm_conv, "CHUNK_BYTES", 3000)
+    torch.manual_seed(0)
+    model = Convs()
+    for kind in ("dense-fp32", "bsr4x4-int8"):
+        exported, reference = build(model, kind)
+        relax_model = to_relax(exported, (torch.randn(2, 3, 17, 13), torch.randn(2, 3, 17)), {0: [2, 3], 1: [2]})
+        assert "R.nn.conv" not in relax_model.mod["main"].script()  # no convolution left to TVM
+        assert {use.weight for use in relax_model.kernels} == conv_weights(model) and relax_model.left_dense == []
+        assert all("_bdyn_" in use.kernel for use in relax_model.kernels)  # the matmul kernels of any row count
+        vm = compile_host(relax_model.mod)
+        for (h, w), length in (((17, 13), 17), ((14, 30), 11), ((25, 8), 40), ((300, 300), 9)):
+            inputs = (torch.randn(2, 3, h, w), torch.randn(2, 3, length))
+            result = vm["main"](*(tvm.runtime.tensor(x.numpy()) for x in inputs))
+            with torch.no_grad():
+                expected = reference(*inputs)
+            for out, ref in zip(result, expected, strict=True):
+                assert out.numpy().shape == tuple(ref.shape)
+                assert np.abs(out.numpy() - ref.numpy()).max() / np.abs(ref.numpy()).max() < RTOL
+
+
+def test_ds2_mini_run_time_time_axis_convs_replaced(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("ds2-mini", hidden=64).eval()
+    packed = pack_model(pruned(model), PackingConfig(dtype="int8"))
+    artifact = export_tvm(packed, (torch.randn(1, 1, 64, 40),), tmp_path / "dyn.so", dynamic_axes={0: [3]})
+    assert conv_weights(model) <= {use.weight for use in artifact.kernels}
+    assert artifact.left_dense == ()
+    reference = packed.dequantized()
+    for frames in (17, 40, 123):
+        assert compare_with_torch(reference, artifact.path, (torch.randn(1, 1, 64, frames),)).worst < RTOL

@@ -178,8 +178,8 @@ def test_packed_model_dequantized_carries_stored_weights():
 
 
 def test_dynamic_time_axis_one_library_for_every_length(tmp_path):
-    """ds2-mini with a run-time time axis: the convolutions stay with TVM, matmuls and recurrent
-    loops use the kernels whose row / step counts are run-time values."""
+    """ds2-mini with a run-time time axis: convolutions, matmuls and recurrent loops use the
+    kernels whose row / step counts are run-time values."""
     from runtime_tests.tvm_check import TvmModule
 
     model = pruned(build_model("ds2-mini", hidden=64).eval())
