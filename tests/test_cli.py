@@ -195,3 +195,12 @@ def test_pack_stage_writes_packed_weights(factory, tmp_path):
     assert result.exit_code == 0, result.output
     packed = load_packed(out / "packed.npz", build())
     assert packed.weights["gru.weight_hh_l0"].dtype == "int8" and "TOTAL" in result.output
+
+
+def test_api_reference_is_current():
+    from pathlib import Path
+
+    from pipeline.apidoc import generate
+
+    current = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    assert generate() == current, "docs/api.md is stale: run python -m pipeline.apidoc > docs/api.md"
