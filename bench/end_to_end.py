@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import tempfile
@@ -30,11 +29,11 @@ import torch
 from torch import nn
 
 from bench.machine import machine_info
+from bench.output import write_results
 from compressor import MagnitudePruner, OneShot, PruneGroup
 from compressor.blocks import BlockShape
 from compressor.packed_model import PackingConfig, pack_model
 from compressor.selection import CONV_TYPES, LINEAR_TYPES
-from compressor.texttable import format_table
 from compressor.zoo import RECURRENT_WEIGHTS, build_model
 from compressor.zoo.pretrained import load_pretrained
 
@@ -209,13 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     result = measure(args.quick, args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("end_to_end-quick" if args.quick else "end_to_end")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(to_markdown(result))
-    plot(result, stem.with_suffix(".png"))
-    print(format_table(HEADER, table_rows(result)))
-    print(f"wrote {stem}.json, .md, .png")
+    write_results(result, stem, to_markdown, plot, HEADER, table_rows(result))
     return result
 
 

@@ -22,7 +22,6 @@ x, y) divided by the memory bandwidth measured here (numpy copy of 256 MB, read 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import tempfile
@@ -41,9 +40,9 @@ from threadpoolctl import threadpool_limits
 from tvm import relax
 
 from bench.machine import machine_info
+from bench.output import write_results
 from compressor.blocks import BlockShape
 from compressor.packing import PackedWeight, pack
-from compressor.texttable import format_table
 from exporters.tvm_kernels import KernelCall, matmul_kernel
 from exporters.tvm_targets import compile_target
 
@@ -258,13 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     result = measure(args.quick, args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("tvm_kernels-quick" if args.quick else "tvm_kernels")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(to_markdown(result))
-    plot(result, stem.with_suffix(".png"))
-    print(format_table(HEADER, table_rows(result)))
-    print(f"wrote {stem}.json, .md, .png")
+    write_results(result, stem, to_markdown, plot, HEADER, table_rows(result))
     return result
 
 

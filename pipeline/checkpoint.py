@@ -161,3 +161,8 @@ def load_model(checkpoint: str, name: str = "", factory: str = "", trust_checkpo
     module, examples = build_module(name, factory)
     load_state(module, state, str(path))
     return module.eval(), examples
+
+
+def load_recipe_model(section) -> tuple[nn.Module, tuple[torch.Tensor, ...] | None]:
+    """:func:`load_model` from a recipe's ``[model]`` section."""
+    return load_model(section.checkpoint, section.name, section.factory, section.trust_checkpoint)

@@ -146,12 +146,11 @@ def prune(checkpoint, out, quiet, debug, recipe, **options) -> None:
     from compressor.training import save_atomic
 
     from . import stages
-    from .checkpoint import load_model
+    from .checkpoint import load_recipe_model
 
     try:
         built = build_recipe(recipe, checkpoint=checkpoint, **options)
-        model, _ = load_model(built.model.checkpoint, built.model.name, built.model.factory,
-                              built.model.trust_checkpoint)
+        model, _ = load_recipe_model(built.model)
         task = stages.make_task(built.data, not quiet)
         result = stages.prune_model(model, task, built.prune, built.check.threads, not quiet)
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -170,11 +169,11 @@ def pack(checkpoint, out, quiet, debug, recipe, **options) -> None:
     from compressor.size import format_size_report, size_report
 
     from . import stages
-    from .checkpoint import load_model
+    from .checkpoint import load_recipe_model
 
     try:
         built = build_recipe(recipe, checkpoint=checkpoint, **options)
-        model, _ = load_model(built.model.checkpoint, built.model.name, built.model.factory, built.model.trust_checkpoint)
+        model, _ = load_recipe_model(built.model)
         packed = stages.pack(model, built.pack, built.prune)
         path = save_packed(packed, Path(out) / "packed.npz")
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
@@ -190,12 +189,11 @@ def export(checkpoint, out, quiet, debug, recipe, **options) -> None:
     from compressor.size import format_size_report, size_report
 
     from . import stages
-    from .checkpoint import load_model
+    from .checkpoint import load_recipe_model
 
     try:
         built = build_recipe(recipe, checkpoint=checkpoint, **options)
-        model, examples = load_model(built.model.checkpoint, built.model.name, built.model.factory,
-                                     built.model.trust_checkpoint)
+        model, examples = load_recipe_model(built.model)
         task = stages.make_task(built.data, not quiet) if not built.data.input_shapes and examples is None else None
         inputs = stages.example_inputs(task, built.data, examples)
         packed = stages.pack(model, built.pack, built.prune)

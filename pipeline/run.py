@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from compressor.size import size_report
+from runtime_tests.onnxruntime_check import relative_errors
 
 from . import stages
-from .checkpoint import load_model
+from .checkpoint import load_recipe_model
 from .recipe import Recipe
 from .report import write_report
 
@@ -71,7 +72,7 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
 
     t = time.perf_counter()
     stage("load")
-    model, factory_examples = load_model(recipe.model.checkpoint, recipe.model.name, recipe.model.factory, recipe.model.trust_checkpoint)
+    model, factory_examples = load_recipe_model(recipe.model)
     task = stages.make_task(recipe.data, progress)
     inputs = stages.example_inputs(task, recipe.data, factory_examples)
     timed("load", t)
@@ -114,7 +115,7 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
         from runtime_tests.onnxruntime_check import OnnxModule, run_onnx
 
         got = run_onnx(artifacts["onnx"]["path"], [x.numpy() for x in inputs])
-        parity["onnx"] = max(stages.relative_error(e, a) for e, a in zip(torch_ref, got))
+        parity["onnx"] = relative_errors(torch_ref, got).worst
         artifacts["onnx"]["parity_tolerance"] = INT8_ONNX_RTOL if recipe.pack.int8 else FP32_RTOL
         if task is not None:
             methods = {"output_lengths": pruned.model.output_lengths} if hasattr(pruned.model, "output_lengths") else {}
@@ -133,7 +134,7 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
                 from runtime_tests.tvm_check import TvmModule, run_tvm
 
                 got = run_tvm(artifacts[key]["path"], [x.numpy() for x in inputs])
-                parity[key] = max(stages.relative_error(e, a) for e, a in zip(stored_ref, got))
+                parity[key] = relative_errors(stored_ref, got).worst
                 if task is not None and (axes or not getattr(task, "name", "").startswith(("speech", "charlm"))):
                     methods = {"output_lengths": reference.output_lengths} if hasattr(reference, "output_lengths") else {}
                     metrics["tvm host"] = _evaluate(task, TvmModule(artifacts[key]["path"], inputs[0].shape[0], **methods),

@@ -242,10 +242,6 @@ def export_tvm_artifact(packed: PackedModel, inputs: Sequence[torch.Tensor], out
 # ----------------------------------------------------------------------------------- check
 
 
-def relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
-    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
-
-
 def torch_latency_ms(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: int = 7) -> float:
     with torch.no_grad():
         model(*inputs)

@@ -87,16 +87,17 @@ class Parity:
         return max(self.relative_errors)
 
 
+def relative_errors(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> Parity:
+    """Largest |actual − expected| per output, relative to the largest |expected|."""
+    return Parity(tuple(float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-12))
+                        for e, a in zip(expected, actual, strict=True)))
+
+
 def compare_with_torch(model: nn.Module, path: str | Path, inputs: Sequence[torch.Tensor]) -> Parity:
     with torch.no_grad():
         expected = model.eval()(*inputs)
     expected = expected if isinstance(expected, (tuple, list)) else (expected,)
-    actual = run_onnx(path, [t.numpy() for t in inputs])
-    errors = []
-    for e, a in zip(expected, actual, strict=True):
-        e = e.numpy()
-        errors.append(float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-12)))
-    return Parity(tuple(errors))
+    return relative_errors([e.numpy() for e in expected], run_onnx(path, [t.numpy() for t in inputs]))
 
 
 class OnnxModule(nn.Module):

@@ -9,7 +9,6 @@ exactly with them.
 """
 
 import pytest
-import torch
 
 from compressor.packed_model import PackingConfig, pack_model
 from compressor.tasks.images import ImageTask

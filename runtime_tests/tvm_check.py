@@ -25,7 +25,7 @@ from tvm import relax
 
 from exporters.tvm_rpc import RemoteSession, remote_session
 
-from .onnxruntime_check import Parity, _shape
+from .onnxruntime_check import Parity, _shape, relative_errors
 
 
 def load_vm(path: str | Path, device: tvm.runtime.Device | None = None) -> relax.VirtualMachine:
@@ -50,12 +50,6 @@ def run_vm(vm: relax.VirtualMachine, inputs: Sequence[np.ndarray], device: tvm.r
 def run_tvm(path: str | Path, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Outputs of the host library at ``path`` for ``inputs``."""
     return run_vm(load_vm(path), inputs, tvm.cpu())
-
-
-def relative_errors(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> Parity:
-    """Largest |actual − expected| per output, relative to the largest |expected|."""
-    return Parity(tuple(float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-12))
-                        for e, a in zip(expected, actual, strict=True)))
 
 
 def torch_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
