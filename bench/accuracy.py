@@ -3,7 +3,7 @@
     python -m bench.accuracy [--quick] [--task digits|sentences] [--out bench/results]
 
 Three experiments, each starting from the same trained dense model (the shipped
-``ds2-mini-digits`` checkpoint, or one trained here for ``--task sentences``) and fine-tuned for
+``ds2-mini-digits`` or ``ds2-mini-sentences`` checkpoint) and fine-tuned for
 the same number of steps with several seeds (mean and spread reported):
 
 1. **gradual vs hard**: at 80 / 90 / 95 % sparsity of the recurrent and fully connected weights,
@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.machine import machine_info
 from compressor import BlockShape, CubicSchedule, MagnitudePruner, OneShot, PruneGroup, ThresholdSchedule
-from compressor.tasks.speech import SpeechCorpusSpec, SpeechTask
+from compressor.tasks.speech import STANDARD_CORPORA, SpeechCorpusSpec, SpeechTask
 from compressor.training import TrainConfig, train
 from compressor.zoo import RECURRENT_WEIGHTS, build_model
 from compressor.zoo.pretrained import RECIPES, load_pretrained
@@ -53,10 +54,13 @@ class Size:
     eval_limit: int | None
 
 
-QUICK = Size(SpeechCorpusSpec(kind="digits", train_size=4000, test_size=400, flite_size=200), 150, (0, 1),
-             (0.9, 0.95), 200)
-FULL = Size(SpeechCorpusSpec(kind="digits", train_size=4000, test_size=400, flite_size=200), 600, (0, 1, 2),
-            (0.8, 0.9, 0.95), None)
+QUICK = Size(STANDARD_CORPORA["digits"], 150, (0, 1), (0.9, 0.95), 200)
+FULL = Size(STANDARD_CORPORA["digits"], 600, (0, 1, 2), (0.8, 0.9, 0.95), None)
+
+
+def sized(size: Size, task: str) -> Size:
+    """``size`` on the corpus of ``task`` (digits or sentences)."""
+    return Size(STANDARD_CORPORA[task], size.finetune_steps, size.seeds, size.sparsities, size.eval_limit)
 
 
 def pruning_groups(schedule, final_sparsity: float | None = None, block: BlockShape = BlockShape()) -> list[PruneGroup]:
@@ -211,21 +215,24 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(size: Size, with_large_sparse: bool) -> dict:
+def run(size: Size, with_large_sparse: bool, quick: bool) -> dict:
+    """Every experiment on ``size.corpus``, starting from the shipped ``ds2-mini-<kind>`` checkpoint."""
     torch.set_num_threads(2)
     task = SpeechTask(size.corpus, batch_size=32, eval_limit=size.eval_limit)
-    base = load_pretrained("ds2-mini-digits")
+    checkpoint = f"ds2-mini-{size.corpus.kind}"
+    base = load_pretrained(checkpoint)
     started = time.time()
     result = {
-        "task": task.name, "size": "quick" if size is QUICK else "full", "base": "ds2-mini-digits",
+        "task": task.name, "size": "quick" if quick else "full", "base": checkpoint,
         "dense": task.evaluate(base), "finetune_steps": size.finetune_steps, "seeds": list(size.seeds),
         "gradual_vs_hard": gradual_vs_hard(base, task, size),
         "block_vs_unstructured": block_vs_unstructured(base, task, size),
     }
     if with_large_sparse:
         result["large_sparse_vs_small_dense"] = large_sparse_vs_small_dense(
-            task, size, dense_steps=RECIPES["ds2-mini-digits"].config.steps)
+            task, size, dense_steps=RECIPES[checkpoint].config.steps)
     result["seconds"] = round(time.time() - started, 1)
+    result["machine"] = machine_info(torch.get_num_threads())
     return result
 
 
@@ -233,9 +240,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, seeds and sparsities (minutes)")
     parser.add_argument("--skip-large-sparse", action="store_true", help="skip experiment 2 (trains from scratch)")
+    parser.add_argument("--task", choices=sorted(STANDARD_CORPORA), default="digits",
+                        help="digits (saturates: CI-sized) or sentences (KJV fragments: where pruning costs show)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    result = run(QUICK if args.quick else FULL, not args.skip_large_sparse)
+    result = run(sized(QUICK if args.quick else FULL, args.task), not args.skip_large_sparse, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"accuracy-{result['task']}" + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -156,21 +156,75 @@ def save_packed(packed: PackedModel, path: str | Path) -> Path:
     return path
 
 
+class PackedFileError(ValueError):
+    """A packed-weights file that :func:`load_packed` cannot use; the message names the file, the
+    problem and the fix."""
+
+
+#: numpy types of the saved module state that torch reads and copies into any parameter or buffer.
+STATE_DTYPES = ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64")
+
+
+def _is_sizes(value: object, least: int) -> bool:
+    """A non-empty JSON list of whole numbers ≥ ``least``."""
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in value))
+
+
+def _packed_weight(meta_array: np.ndarray, arrays: dict[str, np.ndarray]) -> PackedWeight:
+    """A weight from its ``__meta__`` JSON and its stored arrays (``ValueError`` if the meta is malformed)."""
+    try:
+        meta = json.loads(meta_array.tobytes().decode())
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"its __meta__ is not JSON ({error})") from error
+    if not (isinstance(meta, dict) and _is_sizes(meta.get("shape"), 0) and meta.get("format") in FORMATS
+            and meta.get("dtype") in ("fp32", "int8") and _is_sizes(meta.get("block"), 1) and len(meta["block"]) == 2):
+        raise ValueError("its __meta__ is not {shape, format, dtype, block}")
+    return PackedWeight(tuple(meta["shape"]), meta["format"], meta["dtype"], BlockShape(*meta["block"]), arrays)
+
+
 def load_packed(path: str | Path, module: nn.Module) -> PackedModel:
     """The :class:`PackedModel` saved by :func:`save_packed`, on ``module`` (built like the saved
-    one); the module receives the dequantized packed weights and the saved remaining state."""
-    with np.load(path, allow_pickle=False) as data:
-        files = {key: data[key] for key in data.files}
+    one); the module receives the dequantized packed weights and the saved remaining state.
+    Raises :class:`PackedFileError` for a file that is unreadable, malformed or saved from another module."""
+    path = Path(path)
+    fix = "write it again with save_packed (compress-and-export pack)"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            files = {key: data[key] for key in data.files}
+    except Exception as error:  # zipfile, zlib and numpy raise many types; all mean an unreadable file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
+        raise PackedFileError(f"{path} is not a readable .npz archive ({type(error).__name__}: {reason}): {fix}"
+                              ) from error
     weights, state = {}, {}
     for key, value in files.items():
         owner, _, array = key.rpartition("/")
         if owner == "__state__":
+            if not value.dtype.isnative or value.dtype.name not in STATE_DTYPES:
+                raise PackedFileError(f"{path}: {key!r} is stored as {value.dtype}, not a native number type: {fix}")
             state[array] = torch.from_numpy(value)
         elif array == "__meta__":
-            meta = json.loads(value.tobytes().decode())
             stored = {k.rpartition("/")[2]: v for k, v in files.items() if k.rpartition("/")[0] == owner and not k.endswith("/__meta__")}
-            weights[owner] = PackedWeight(tuple(meta["shape"]), meta["format"], meta["dtype"], BlockShape(*meta["block"]), stored)
+            try:
+                weights[owner] = _packed_weight(value, stored)
+            except ValueError as error:
+                raise PackedFileError(f"{path}: packed weight {owner!r} is malformed ({error}): {fix}") from error
+    own = module.state_dict()
+    shapes = {**{k: tuple(v.shape) for k, v in state.items()}, **{k: w.shape for k, w in weights.items()}}
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
+    wrong = [f"{k} {shapes[k]} vs module {tuple(own[k].shape)}" for k in own if k in shapes and shapes[k] != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"missing {', '.join(missing[:8])}" if missing else "",
+                 f"unexpected {', '.join(map(repr, unexpected[:8]))}" if unexpected else "",
+                 f"shape mismatch {'; '.join(wrong[:8])}" if wrong else ""]
+        raise PackedFileError(f"{path} does not match the module ({'; '.join(p for p in parts if p)}): "
+                              "load it on a module built like the one it was saved from")
     for name, weight in weights.items():
+        try:
+            weight.check()
+        except ValueError as error:
+            raise PackedFileError(f"{path}: packed weight {name!r} is malformed ({error}): {fix}") from error
         state[name] = torch.from_numpy(weight.to_dense())
     module.load_state_dict(state)
     return PackedModel(module, weights)

@@ -32,6 +32,9 @@ from .quantize import quant_error, QuantError, quantize_rows, row_scales
 Format = Literal["dense", "csr", "bsr", "coo", "bitmask"]
 FORMATS: tuple[str, ...] = ("dense", "csr", "bsr", "coo", "bitmask")
 ValueType = Literal["fp32", "int8"]
+#: The index arrays each format stores besides ``values`` (and ``scales`` for int8).
+INDEX_ARRAYS: dict[str, tuple[str, ...]] = {"dense": (), "csr": ("indptr", "indices"), "bsr": ("indptr", "indices"),
+                                            "coo": ("row", "col"), "bitmask": ("mask",)}
 
 
 def index_dtype(max_value: int) -> np.dtype:
@@ -99,7 +102,8 @@ class PackedWeight:
     def value_rows(self) -> np.ndarray:
         """Matrix row of every stored value, shaped like ``values`` (padding rows clipped)."""
         if self.format == "dense":
-            return np.arange(self.shape[0])[:, None] + np.zeros((1, self.matrix_shape[1]), np.int64)
+            rows, cols = self.matrix_shape
+            return np.arange(rows)[:, None] + np.zeros((1, cols), np.int64)
         r, c = self.block.rows, self.block.cols
         block_row, _ = self.block_coords()
         rows = block_row[:, None, None] * r + np.arange(r)[None, :, None] + np.zeros((1, 1, c), np.int64)
@@ -125,6 +129,46 @@ class PackedWeight:
         matrix = padded.transpose(0, 2, 1, 3).reshape(n_br * r, n_bc * c)[:rows, :cols]
         return np.ascontiguousarray(matrix).reshape(self.shape)
 
+    def check(self) -> None:
+        """Raise ``ValueError`` unless :attr:`arrays` are a packing of :attr:`shape` that :meth:`to_dense`
+        can read: the arrays of the format, their types and lengths, block positions in range and in
+        row-major order, each stored once (what :func:`pack` writes)."""
+        a, index_arrays = self.arrays, INDEX_ARRAYS[self.format]
+        rows, cols = self.matrix_shape
+        n_br, n_bc = self.block.grid((rows, cols))
+        expected = {"values", *index_arrays, *(("scales",) if self.dtype == "int8" else ())}
+        if set(a) != expected:
+            raise ValueError(f"{self.format} {self.dtype} stores {', '.join(sorted(expected))}, "
+                             f"not {', '.join(sorted(a)) or 'nothing'}")
+        if any(not np.issubdtype(a[key].dtype, np.integer) or a[key].ndim != 1 for key in index_arrays):
+            raise ValueError(f"{', '.join(index_arrays)} must be 1-D integer arrays")
+        if a["values"].dtype != (np.float32 if self.dtype == "fp32" else np.int8):
+            raise ValueError(f"{self.dtype} values are stored as {a['values'].dtype}")
+        if self.dtype == "int8" and (a["scales"].dtype != np.float32 or a["scales"].shape != (rows,)
+                                     or not np.isfinite(a["scales"]).all()):
+            raise ValueError(f"scales must be {rows} finite float32 numbers")
+        if self.format == "dense":
+            stored: tuple[int, ...] = (rows, cols)
+        else:
+            if self.format in ("csr", "bsr"):
+                indptr = a["indptr"].astype(np.int64)
+                if (indptr.shape != (n_br + 1,) or indptr[0] != 0 or indptr[-1] != a["indices"].size
+                        or np.any(np.diff(indptr) < 0)):
+                    raise ValueError(f"indptr must rise from 0 to {a['indices'].size} in {n_br + 1} entries")
+            elif self.format == "coo" and a["row"].shape != a["col"].shape:
+                raise ValueError("row and col must have the same length")
+            elif self.format == "bitmask" and (a["mask"].dtype != np.uint8 or a["mask"].shape != (-(-n_br * n_bc // 8),)):
+                raise ValueError(f"mask must be {-(-n_br * n_bc // 8)} uint8 bytes, one bit per block")
+            block_row, block_col = self.block_coords()
+            position = block_row * n_bc + block_col
+            if block_row.size and (min(block_row.min(), block_col.min()) < 0 or block_row.max() >= n_br
+                                   or block_col.max() >= n_bc or np.any(np.diff(position) <= 0)):
+                raise ValueError("stored blocks must lie inside the matrix, in row-major order, each once")
+            r, c = self.block.rows, self.block.cols
+            stored = (block_row.size,) if self.block.is_unstructured else (block_row.size, r, c)
+        if a["values"].shape != stored:
+            raise ValueError(f"values have shape {a['values'].shape}, not {stored}")
+
     def quant_error(self, name: str, reference: np.ndarray) -> QuantError:
         """Error of :meth:`to_dense` against the fp32 ``reference`` weight."""
         return quant_error(name, reference, self.to_dense())
@@ -140,6 +184,10 @@ def pack(weight: np.ndarray, fmt: Format, block: BlockShape = BlockShape(), dtyp
     if dtype not in ("fp32", "int8"):
         raise ValueError(f"unknown value type {dtype!r}: use fp32 or int8")
     weight = np.asarray(weight, np.float32)
+    if weight.ndim == 0:
+        raise ValueError("cannot pack a scalar: give a weight with at least one dimension")
+    if dtype == "int8" and not np.isfinite(weight).all():
+        raise ValueError("the weight holds inf or NaN, which int8 cannot store: fix the weight or pack it as fp32")
     matrix = weight.reshape(matrix_shape(weight.shape))
     if fmt in ("csr", "coo", "dense"):
         block = BlockShape()

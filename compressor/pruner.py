@@ -19,6 +19,7 @@ bit-exactly.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,7 +32,7 @@ from .blocks import BlockScore, BlockShape, as_matrix, block_mask_of, block_scor
 from .masking import attach_mask, bake_mask, find_mask
 from .report import LayerSparsity, sparsity_report
 from .schedules import PruningSchedule, ThresholdSchedule, count_to_prune, q_for_final_sparsity
-from .selection import DEFAULT_TYPES, WeightRef, iter_prunable_weights
+from .selection import DEFAULT_TYPES, PRUNABLE_TYPES, WeightRef, iter_prunable_weights
 
 Ranking = Literal["layer", "global"]
 
@@ -45,7 +46,8 @@ class PruneGroup:
     fully qualified weight name (``"rnn.weight_hh_l0_reverse"``).  A weight belongs to the first
     group that selects it.
 
-    ``block``/``block_score``: prune whole r×c blocks scored by max |w| or L2 norm.
+    ``block``/``block_score``: prune whole r×c blocks scored by max |w| or L2 norm (edge blocks
+    are cropped; a block larger than a whole weight in both dimensions is refused by ``prepare``).
     ``ranking``: ``"layer"`` ranks each tensor on its own; ``"global"`` ranks all tensors of the
     group together (one threshold, or one sparsity over the group).
 
@@ -98,6 +100,41 @@ def quantile_threshold(scores: torch.Tensor, sparsity: float) -> float:
     return float(ordered[k - 1] + ordered[k]) * 0.5
 
 
+_MAX_LISTED = 6
+
+
+def _no_match_error(model: nn.Module, group: PruneGroup, index: int) -> ValueError:
+    """What the group looked for, what the model has and how to select it."""
+    label = f"pruning group {group.name!r}" if group.name else f"pruning group {index}"
+    criteria = "types " + ", ".join(t.__name__ for t in group.types)
+    criteria += f", include {group.include!r}" if group.include else ""
+    criteria += f", exclude {group.exclude!r}" if group.exclude else ""
+    present = list(iter_prunable_weights(model, PRUNABLE_TYPES))
+    if not present:
+        modules = ", ".join(sorted({type(m).__name__ for m in model.modules()}))
+        return ValueError(f"no prunable weight matches {label} ({criteria}); the model ({modules}) has no "
+                          f"{', '.join(t.__name__ for t in PRUNABLE_TYPES)} layer: skip pruning "
+                          "(--method none), or register its layers (nn.ModuleList, not a Python list)")
+    listed = ", ".join(f"{ref.name} ({type(ref.module).__name__})" for ref in present[:_MAX_LISTED])
+    more = f" and {len(present) - _MAX_LISTED} more" if len(present) > _MAX_LISTED else ""
+    return ValueError(f"no prunable weight matches {label} ({criteria}); the model has {listed}{more}: "
+                      "select them with the group's types or include pattern (recipe: [prune] include), "
+                      "or use another pruning method")
+
+
+def _check_block(ref: WeightRef, block: BlockShape) -> None:
+    """Refuse a block larger than the whole weight (one block would keep or prune it all).
+
+    A block larger in one dimension only is legal: its edge blocks are cropped."""
+    weight = getattr(ref.module, ref.attr)
+    rows, cols = as_matrix(weight).shape
+    if block.rows > rows and block.cols > cols:
+        view = "" if weight.dim() == 2 else f" viewed as {rows}x{cols}"
+        raise ValueError(f"block {block} is larger than {ref.name} {tuple(weight.shape)}{view} in both dimensions: "
+                         f"use a block with at most {rows} rows or {cols} columns (e.g. 16x1), or exclude the layer "
+                         f"(exclude='^{re.escape(ref.name)}$')")
+
+
 class MagnitudePruner:
     """Gradual, one-shot and block magnitude pruning of Linear, Conv and RNN/GRU/LSTM weights."""
 
@@ -119,23 +156,33 @@ class MagnitudePruner:
                             "plain model first, then wrap it in DistributedDataParallel")
         if self._model is not None:
             raise RuntimeError("this pruner is already prepared; create a new one for another model")
-        taken: set[str] = set()
+        selected = self._select(model)
         self._parameter_order = {name: list(module._parameters) for name, module in model.named_modules()}
-        for index, group in enumerate(self.groups):
-            refs = [ref for ref in iter_prunable_weights(model, group.types, group.include, group.exclude)
-                    if ref.name not in taken]
-            taken.update(ref.name for ref in refs)
+        for index, (group, refs) in enumerate(zip(self.groups, selected)):
             for ref in refs:
                 attach_mask(ref.module, ref.attr)
             if group.ranking == "global" and refs:
                 self._units.append(_Unit(f"group{index}:{group.name}", group, refs))
             else:
                 self._units.extend(_Unit(ref.name, group, [ref]) for ref in refs)
-        if not self._units:
-            raise ValueError("no prunable weight matched the pruning groups: check their types and "
-                             "include/exclude patterns against model.named_parameters()")
         self._model = model
         return model
+
+    def _select(self, model: nn.Module) -> list[list[WeightRef]]:
+        """The weights of each group (a weight goes to the first group that selects it), checked
+        before any mask is attached: every group matches a weight and its block fits them."""
+        taken: set[str] = set()
+        selected = []
+        for index, group in enumerate(self.groups):
+            matches = list(iter_prunable_weights(model, group.types, group.include, group.exclude))
+            if not matches:
+                raise _no_match_error(model, group, index)
+            refs = [ref for ref in matches if ref.name not in taken]
+            taken.update(ref.name for ref in refs)
+            for ref in refs:
+                _check_block(ref, group.block)
+            selected.append(refs)
+        return selected
 
     @property
     def weights(self) -> list[WeightRef]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from torch import nn
+
 from .packed_model import PackedModel
 from .texttable import format_table
 
@@ -83,8 +85,13 @@ def size_report(packed: PackedModel) -> SizeReport:
         ))
     state = packed.module.state_dict()
     other = sum(t.numel() * t.element_size() for key, t in state.items() if key not in packed.weights)
-    dense = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in state.values())
-    return SizeReport(layers, other, dense)
+    return SizeReport(layers, other, fp32_bytes(packed.module))
+
+
+def fp32_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s state_dict with every floating-point tensor in fp32."""
+    return sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
+               for t in module.state_dict().values())
 
 
 def format_bytes(n: float) -> str:

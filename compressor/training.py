@@ -5,13 +5,20 @@ optimizer steps, calls ``pruner.step()`` after each, shows a progress bar, and �
 ``checkpoint`` set — saves model, optimizer, pruner, step counter and random-number state every
 ``checkpoint_every`` steps, at the end and on Ctrl-C (written to a temporary file, then renamed).
 Started again with the same checkpoint path it resumes, and ends with the same weights and masks
-as an uninterrupted run with the same seed.
+as an uninterrupted run with the same seed.  A step (batch, forward — which moves BatchNorm
+statistics —, backward, optimizer, pruner, counters) is never cut in half: a Ctrl-C that arrives
+during it is held until the step is done.  After SIGKILL the last periodic checkpoint is the
+resume point.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +66,28 @@ def save_atomic(obj: object, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it at the end, so that the
+    block runs whole (in the main thread; elsewhere signals cannot be caught and this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[object] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -109,26 +136,30 @@ def _train(model: nn.Module, task: Task, config: TrainConfig, pruner: MagnitudeP
     model.train()
     step = start
     bar = tqdm(total=config.steps, initial=start, desc=desc or task.name, disable=not progress, leave=False)
+    rng = _rng_state(generator)  # the state the next step starts from
     try:
         while step < config.steps:
-            rng = _rng_state(generator)  # before this step draws its batch: what a resume restarts from
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(config, step)
-            loss = task.loss(model, next(batches))
-            optimizer.zero_grad()
-            loss.backward()
-            if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            if pruner is not None:
-                pruner.step()
-            step += 1
-            losses.append(float(loss.detach()))
+            # a whole step or none: its forward already moves BatchNorm statistics, its update the
+            # weights, the masks and the counters
+            with deferred_interrupt():
+                for group in optimizer.param_groups:
+                    group["lr"] = _lr_at(config, step)
+                loss = task.loss(model, next(batches))
+                optimizer.zero_grad()
+                loss.backward()
+                if config.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                if pruner is not None:
+                    pruner.step()
+                step += 1
+                losses.append(float(loss.detach()))
+                rng = _rng_state(generator)
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if config.checkpoint is not None and step % config.checkpoint_every == 0:
                 save_atomic(_state(step, model, optimizer, pruner, _rng_state(generator), losses), config.checkpoint)
-    except KeyboardInterrupt:  # the interrupted step never reached optimizer.step(): it is redone on resume
+    except KeyboardInterrupt:  # a Ctrl-C lands between two whole steps
         if config.checkpoint is not None:
             save_atomic(_state(step, model, optimizer, pruner, rng, losses), config.checkpoint)
         raise

@@ -227,7 +227,7 @@ def compress_initializers(model: onnx.ModelProto, min_sparsity: float = 0.5, min
                           block: BlockShape | str | None = None,
                           coo: bool = True) -> tuple[onnx.ModelProto, list[CompressedTensor]]:
     """A copy of ``model`` whose sparse float32 or int8 initializers (at least ``min_numel``
-    elements and ``min_sparsity`` zeros, not all zero) are stored compressed, values in the
+    elements and ``min_sparsity`` zeros, not all zero, not scalars) are stored compressed, values in the
     initializer's own dtype (int8 weights of a quantized model stay int8).
 
     Each gets the encoding with the fewest bytes (:func:`choose_encoding`): bit-mask with
@@ -241,7 +241,8 @@ def compress_initializers(model: onnx.ModelProto, min_sparsity: float = 0.5, min
     for tensor in graph.initializer:
         array = numpy_helper.to_array(tensor)
         sparsity = float((array == 0).mean()) if array.size else 0.0
-        if array.dtype not in COMPRESSIBLE or array.size < min_numel or not min_sparsity <= sparsity < 1.0:
+        if (array.dtype not in COMPRESSIBLE or array.ndim == 0 or array.size < min_numel
+                or not min_sparsity <= sparsity < 1.0):
             kept.append(tensor)
             continue
         choice = choose_encoding(array, block, coo)

@@ -1,12 +1,12 @@
 """Compilation targets of the TVM exporter: the host CPU, aarch64 Linux and aarch64 Android.
 
 - ``host``: LLVM for this machine's CPU, ``target.llvm_get_system_cpu`` (TVM's "native" silently
-  falls back to a generic CPU, 1–5× slower).
+  falls back to a generic CPU, 1–5× slower), linked by the C++ compiler (``$CXX``, ``g++``, …).
 - ``aarch64-linux``: ``mtriple=aarch64-linux-gnu`` with NEON, linked into a ``.so`` by Debian's
   ``aarch64-linux-gnu-g++`` (package ``g++-aarch64-linux-gnu``).
 - ``android``: ``mtriple=aarch64-linux-android`` with NEON.  With an NDK (``ANDROID_NDK_HOME``
   or ``ANDROID_NDK_ROOT``) the library is linked by the NDK's clang into a ``.so``; without one
-  the objects are written as a ``.tar`` and linked on a machine that has the NDK:
+  the objects are written as a ``.tar`` (by ``tar`` and ``gzip``) and linked on a machine that has the NDK:
   ``tar xf lib.tar && $NDK/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android24-clang -shared -o lib.so *.o``
   (or ``ld.lld -shared -o lib.so *.o``).
 """
@@ -44,12 +44,19 @@ def host_cpu() -> str:
     return str(tvm.get_global_func("target.llvm_get_system_cpu")())
 
 
-def _require(tool: str, package: str) -> str:
+def _require(tool: str, package: str, role: str, fix: str) -> str:
+    """The path of ``tool``, or a one-line error naming the Debian ``package`` that provides it."""
     path = shutil.which(tool)
     if path is None:
-        raise RuntimeError(f"cross compiler {tool} not found: install the Debian package {package} "
-                           f"(apt-get install {package}) or use --target host")
+        raise RuntimeError(f"{role} {tool} not found: install the Debian package {package} "
+                           f"(apt-get install {package}) or {fix}")
     return path
+
+
+def _require_host_compiler() -> None:
+    if cc.get_cc() is None:  # $CXX, $CC, then g++, gcc, clang++, clang, c++, cc on PATH
+        raise RuntimeError("no C++ compiler (g++, gcc, clang++, clang, c++, cc or $CXX) to link the host library: "
+                           "install the Debian package g++ (apt-get install g++) or set CXX")
 
 
 def _android_clang() -> str | None:
@@ -68,15 +75,18 @@ TARGET_NAMES = ("host", "aarch64-linux", "android")
 def compile_target(name: str) -> CompileTarget:
     """The :class:`CompileTarget` called ``name`` (one of :data:`TARGET_NAMES`)."""
     if name == "host":
+        _require_host_compiler()
         return CompileTarget(name, tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()}), ".so")
     if name == "aarch64-linux":
-        compiler = _require("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")
+        compiler = _require("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu", "cross compiler", "use --target host")
         target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
         return CompileTarget(name, target, ".so", cc.cross_compiler(compiler))
     if name == "android":
         target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]})
         clang = _android_clang()
         if clang is None:
+            for tool in ("tar", "gzip"):
+                _require(tool, tool, "bundling tool", "set ANDROID_NDK_HOME to link a .so with the NDK")
             return CompileTarget(name, target, ".tar")
         return CompileTarget(name, target, ".so", cc.cross_compiler(clang))
     raise ValueError(f"unknown target {name!r}: use one of {', '.join(TARGET_NAMES)}")

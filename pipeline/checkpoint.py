@@ -4,7 +4,8 @@
 - a ``state_dict``: ``.pt`` / ``.pth`` read with ``torch.load(weights_only=True)``, or
   ``.safetensors`` (read here: an 8-byte little-endian header length, a JSON header, raw
   little-endian tensors); the module comes from a zoo name or a factory;
-- a ``torch.export`` program (``.pt2``): ``torch.export.load(...).module()`` — a graph module
+- a ``torch.export`` program (``.pt2``): its graph module, with Linear / Conv / recurrent calls turned back
+  into ``torch.nn`` layers (:func:`pipeline.program.module_from_program`)
   for one-shot pruning without training;
 - a fully pickled ``nn.Module`` only with ``trust_checkpoint=True``: unpickling runs code.
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
+import pickletools
 import struct
 import sys
 from collections.abc import Callable
@@ -30,6 +33,8 @@ from torch import nn
 from compressor.zoo import MODELS, build_model
 from compressor.zoo.pretrained import RECIPES, load_pretrained
 
+from .program import module_from_program
+
 
 class CheckpointError(ValueError):
     """A checkpoint or model that cannot be loaded; the message names the problem and the fix."""
@@ -40,30 +45,48 @@ SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` file."""
+    """The tensors of a ``.safetensors`` file (:class:`CheckpointError` if its header or body is malformed)."""
     data = path.read_bytes()
     try:
         (length,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8:8 + length])
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (struct.error, ValueError, RecursionError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{path} is not a safetensors file (bad header: {error}): re-save it with safetensors") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object): re-save it with "
+                              "safetensors")
     body = memoryview(data)[8 + length:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if end > len(body) or start > end:
-            raise CheckpointError(f"{path} is truncated ({name} ends at byte {end} of {len(body)}): copy the file again")
-        if info["dtype"] == "BF16":
-            raw = np.frombuffer(body[start:end], np.uint16).astype(np.uint32) << 16
-            tensors[name] = torch.from_numpy(raw.view(np.float32).reshape(info["shape"]).copy()).to(torch.bfloat16)
-            continue
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        tensors[name] = torch.from_numpy(np.frombuffer(body[start:end], dtype).reshape(info["shape"]).copy())
-    return tensors
+    return {name: _safetensor(path, name, info, body) for name, info in header.items() if name != "__metadata__"}
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _safetensor(path: Path, name: str, info: Any, body: memoryview) -> torch.Tensor:
+    """One tensor of a safetensors body, once its header entry is checked against the body."""
+    def malformed(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name!r} {problem}: re-save the file with safetensors")
+
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise malformed("has no dtype, shape and data_offsets in the header")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}: convert it to one of "
+                              f"{', '.join(SAFETENSORS_DTYPES)}")
+    if not isinstance(shape, list) or not all(map(_is_size, shape)):
+        raise malformed(f"has shape {shape!r}, not a list of sizes ≥ 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_size, offsets)) or offsets[0] > offsets[1]:
+        raise malformed(f"has data_offsets {offsets!r}, not [start, end] with 0 ≤ start ≤ end")
+    start, end = offsets
+    if end > len(body):
+        raise CheckpointError(f"{path} is truncated ({name!r} ends at byte {end} of {len(body)}): copy the file again")
+    itemsize = 2 if dtype == "BF16" else np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+    if math.prod(shape) * itemsize != end - start or math.prod(max(d, 1) for d in shape) * itemsize >= 2**63:
+        raise malformed(f"of shape {shape} and dtype {dtype} does not fit its {end - start} bytes")
+    if dtype == "BF16":  # numpy has no bfloat16: reinterpret the 16-bit patterns (NaN payloads included)
+        return torch.from_numpy(np.frombuffer(body[start:end], np.int16).reshape(shape).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.frombuffer(body[start:end], SAFETENSORS_DTYPES[dtype]).reshape(shape).copy())
 
 
 def load_factory(spec: str) -> Callable[..., Any]:
@@ -111,11 +134,26 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         parts = [f"missing {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}" if missing else "",
-                 f"unexpected {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}" if unexpected else "",
+                 f"unexpected {', '.join(map(repr, unexpected[:8]))}{' …' if len(unexpected) > 8 else ''}"
+                 if unexpected else "",
                  f"shape mismatch {'; '.join(shapes[:8])}" if shapes else ""]
         raise CheckpointError(f"{source} does not match the model ({'; '.join(p for p in parts if p)}): "
                               "build the model it was saved from (--model / the recipe's [model])")
     module.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state.items()})
+
+
+def _holds_code(path: Path, error: Exception) -> bool:
+    """Whether ``torch.load(path, weights_only=True)`` failed with ``error`` because the file imports
+    code (a class or function), rather than because it is corrupt: the safe unpickler names the
+    global it refused, or the file is a plain pickle whose opcodes import globals (read with
+    ``pickletools``, which executes nothing)."""
+    if "Unsupported global" in str(error):
+        return True
+    try:
+        with path.open("rb") as file:
+            return any(opcode.name in ("GLOBAL", "STACK_GLOBAL", "INST") for opcode, _, _ in pickletools.genops(file))
+    except Exception:  # noqa: BLE001 - not a readable pickle stream at all
+        return False
 
 
 def load_model(checkpoint: str, name: str = "", factory: str = "", trust_checkpoint: bool = False
@@ -132,7 +170,7 @@ def load_model(checkpoint: str, name: str = "", factory: str = "", trust_checkpo
                               f"({', '.join(sorted(RECIPES))})")
     if path.suffix == ".pt2":
         try:
-            return torch.export.load(str(path)).module(), None
+            return module_from_program(torch.export.load(str(path))), None
         except Exception as error:
             raise CheckpointError(f"{path} is not a torch.export program ({type(error).__name__}): save it with "
                                   "torch.export.save") from error
@@ -142,16 +180,20 @@ def load_model(checkpoint: str, name: str = "", factory: str = "", trust_checkpo
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            text = str(error)
-            if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
-                if not trust_checkpoint:
-                    raise CheckpointError(f"{path} holds pickled code (a whole module), which is not loaded by default: "
-                                          "save model.state_dict() instead, or pass --trust-checkpoint if you trust "
-                                          "the file") from error
-                state = torch.load(path, map_location="cpu", weights_only=False)
-            else:
+            if not _holds_code(path, error):
                 raise CheckpointError(f"{path} is truncated or corrupt ({type(error).__name__}): copy or save it again"
                                       ) from error
+            if not trust_checkpoint:
+                raise CheckpointError(f"{path} holds pickled code (a whole module), which is not loaded by default: "
+                                      "save model.state_dict() instead, or pass --trust-checkpoint if you trust "
+                                      "the file") from error
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as trusted_error:  # unpickling runs the file's code: anything can fail
+                reason = (str(trusted_error).strip().splitlines() or [""])[0]
+                raise CheckpointError(f"{path} cannot be unpickled ({type(trusted_error).__name__}: {reason}): "
+                                      "make the code it was saved with importable, or save model.state_dict() "
+                                      "instead") from trusted_error
     if isinstance(state, nn.Module):
         return state.eval(), None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -1,7 +1,9 @@
 """The ``compress-and-export`` command line: a thin click layer over :mod:`pipeline`.
 
 Exit codes: 0 success; 1 a check failed (parity outside its tolerance); 2 bad usage or bad input
-(a one-line error names the problem and the fix; ``--debug`` shows the traceback).
+(a one-line error names the problem and the fix; ``--debug`` shows the traceback); 130
+interrupted (Ctrl-C; the fine-tuning state is kept for ``--resume``).  A command that fails
+writes nothing into ``--out`` and leaves earlier files there as they were.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -16,6 +20,7 @@ import torch
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 RUN_OPTIONS = [
     click.argument("checkpoint", required=False),
@@ -37,6 +42,8 @@ RUN_OPTIONS = [
     click.option("--quiet", is_flag=True, help="No progress bars."),
     click.option("--debug", is_flag=True, help="Show the traceback of an error."),
 ]
+FINE_TUNING_OPTIONS = [*RUN_OPTIONS,
+                       click.option("--resume", is_flag=True, help="Continue the interrupted fine-tuning kept in OUT/.resume.")]
 
 
 def with_options(options):
@@ -64,6 +71,20 @@ def fail(error: BaseException, debug: bool) -> None:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     click.echo(f"error: {message}", err=True)
     sys.exit(EXIT_BAD_INPUT)
+
+
+@contextmanager
+def reported_errors(debug: bool, out: str | None = None) -> Iterator[None]:
+    """Turn the errors of a command into the documented one-line messages and exit codes."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = out is not None and (Path(out) / ".resume" / "train-state.pt").exists()
+        click.echo("interrupted: " + ("the fine-tuning state is kept; run the same command with --resume to continue"
+                                      if kept else "nothing was written"), err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError, TimeoutError, OSError) as error:
+        fail(error, debug)
 
 
 def build_recipe(recipe: str | None, **options):
@@ -121,18 +142,18 @@ def main() -> None:
 
 
 @main.command()
-@with_options(RUN_OPTIONS)
-def run(checkpoint, out, quiet, debug, recipe, **options) -> None:
+@with_options(FINE_TUNING_OPTIONS)
+def run(checkpoint, out, quiet, debug, recipe, resume, **options) -> None:
     """Every stage: load → prune → pack → export → check → report (report.json, report.md, PNGs)."""
     from .report import format_summary
     from .run import run as run_job
 
-    try:
+    with reported_errors(debug, out):
         built = build_recipe(recipe, checkpoint=checkpoint, **options)
-        report = run_job(built, out, progress=not quiet)
-    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError, TimeoutError, OSError) as error:
-        fail(error, debug)
+        report = run_job(built, out, progress=not quiet, resume=resume)
     click.echo(format_summary(report))
+    for name, kind in report["prune"].get("left_dense", {}).items():
+        click.echo(f"note: left dense (not prunable by {built.prune.method}): {name} ({kind})")
     click.echo(f"report: {Path(out) / 'report.md'} (and report.json, *.png)")
     if not report["checks_passed"]:
         click.echo("error: an artifact's outputs differ from PyTorch beyond their tolerance (see the parity rows)", err=True)
@@ -140,24 +161,35 @@ def run(checkpoint, out, quiet, debug, recipe, **options) -> None:
 
 
 @main.command()
-@with_options(RUN_OPTIONS)
-def prune(checkpoint, out, quiet, debug, recipe, **options) -> None:
-    """Prune (with fine-tuning on --data) and save the finalized state_dict as OUT/pruned.pt."""
-    from compressor.training import save_atomic
+@with_options(FINE_TUNING_OPTIONS)
+def prune(checkpoint, out, quiet, debug, recipe, resume, **options) -> None:
+    """Prune (with fine-tuning on --data) and save the finalized state_dict as OUT/pruned.pt, or —
+    for --method taylor — the shrunk model as a torch.export program OUT/pruned.pt2."""
+    from compressor.taylor import save_shrunk
 
     from . import stages
     from .checkpoint import load_recipe_model
+    from .workspace import OutputFolder
 
-    try:
+    with reported_errors(debug, out):
         built = build_recipe(recipe, checkpoint=checkpoint, **options)
-        model, _ = load_recipe_model(built.model)
+        model, examples = load_recipe_model(built.model)
         task = stages.make_task(built.data, not quiet)
-        result = stages.prune_model(model, task, built.prune, built.check.threads, not quiet)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        save_atomic(result.model.state_dict(), Path(out) / "pruned.pt")
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
-        fail(error, debug)
-    click.echo(f"pruned {result.record['sparsity_reached']:.1%} of the prunable weights → {Path(out) / 'pruned.pt'}")
+        inputs = stages.example_inputs(task, built.data, examples) if built.prune.method == "taylor" else None
+        stages.validate_model(model, inputs)
+        folder = OutputFolder(out)
+        with folder as work:
+            state = folder.resume_checkpoint(stages.fine_tuning_settings(built), resume)
+            result = stages.prune_model(model, task, built.prune, built.check.threads, not quiet, inputs, state)
+            if result.structured:  # batch 2: an example of batch 1 would fix the batch size
+                path = folder.final(save_shrunk(result.model, stages.batched(inputs, 2), work / "pruned.pt2"))
+            else:
+                path = folder.final(work / "pruned.pt")
+                torch.save(result.model.state_dict(), work / "pruned.pt")
+    what = "of the parameters (whole units)" if result.structured else "of the prunable weights"
+    for name, kind in result.record.get("left_dense", {}).items():
+        click.echo(f"note: left dense (not prunable by {built.prune.method}): {name} ({kind})")
+    click.echo(f"pruned {result.record['sparsity_reached']:.1%} {what} → {path}")
 
 
 @main.command()
@@ -170,14 +202,16 @@ def pack(checkpoint, out, quiet, debug, recipe, **options) -> None:
 
     from . import stages
     from .checkpoint import load_recipe_model
+    from .workspace import OutputFolder
 
-    try:
+    with reported_errors(debug, out):
         built = build_recipe(recipe, checkpoint=checkpoint, **options)
         model, _ = load_recipe_model(built.model)
+        stages.validate_model(model)
         packed = stages.pack(model, built.pack, built.prune)
-        path = save_packed(packed, Path(out) / "packed.npz")
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
-        fail(error, debug)
+        folder = OutputFolder(out)
+        with folder as work:
+            path = folder.final(save_packed(packed, work / "packed.npz"))
     click.echo(format_size_report(size_report(packed)))
     click.echo(f"packed weights → {path}")
 
@@ -190,26 +224,27 @@ def export(checkpoint, out, quiet, debug, recipe, **options) -> None:
 
     from . import stages
     from .checkpoint import load_recipe_model
+    from .workspace import OutputFolder
 
-    try:
+    with reported_errors(debug, out):
         built = build_recipe(recipe, checkpoint=checkpoint, **options)
         model, examples = load_recipe_model(built.model)
         task = stages.make_task(built.data, not quiet) if not built.data.input_shapes and examples is None else None
         inputs = stages.example_inputs(task, built.data, examples)
+        stages.validate_model(model, inputs)
         packed = stages.pack(model, built.pack, built.prune)
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
         click.echo(format_size_report(size_report(packed)))
-        if "onnx" in built.export.formats:
-            axes = stages.dynamic_axes_for(built.data.task, len(inputs))
-            artifact = stages.export_onnx_artifact(model, inputs, out_dir, built.pack.int8, axes)
-            click.echo(f"onnx: {artifact['path']} ({artifact['size_bytes']} bytes)")
-        if "tvm" in built.export.formats:
-            for target in built.export.targets:
-                artifact = stages.export_tvm_artifact(packed, inputs, out_dir, target)
-                click.echo(f"tvm {target}: {artifact['path']} ({artifact['size_bytes']} bytes)")
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
-        fail(error, debug)
+        written = []
+        folder = OutputFolder(out)
+        with folder as work:
+            if "onnx" in built.export.formats:
+                axes = stages.dynamic_axes_for(built.data.task, len(inputs))
+                written.append(("onnx", stages.export_onnx_artifact(model, inputs, work, built.pack.int8, axes)))
+            if "tvm" in built.export.formats:
+                for target in built.export.targets:
+                    written.append((f"tvm {target}", stages.export_tvm_artifact(packed, inputs, work, target)))
+        for name, artifact in written:
+            click.echo(f"{name}: {folder.final(artifact['path'])} ({artifact['size_bytes']} bytes)")
 
 
 @main.command()

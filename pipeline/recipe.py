@@ -25,7 +25,12 @@ optional; the defaults are the embedded default job (``recipes/default.toml``)::
     freq = 10                         # mask updates every freq steps (Narang's freq)
     include = ""                      # regular expression of weight names (default: the model's own rule)
     exclude = ""
-    taylor_step_fraction = 0.02       # taylor: fraction of units removed per step (Molchanov: ~2 %)
+    # taylor (structured, Molchanov et al. 2019): `sparsity` is the fraction of the parameters (or
+    # FLOPs) removed by cutting whole channels / neurons / hidden units; every `freq` steps the
+    # least important `taylor_step_fraction` of the units go, fine-tuning in between
+    taylor_criterion = "taylor_fo_gate"  # any criterion of compressor.taylor.criteria
+    taylor_target = "params"          # params | flops
+    taylor_step_fraction = 0.02       # fraction of the prunable units removed per round (Molchanov: ~2 %)
 
     [pack]
     format = "auto"                   # auto | csr | bsr | bitmask | dense
@@ -45,10 +50,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from compressor.blocks import BlockShape
 
@@ -89,6 +95,8 @@ class PruneSection:
     freq: int = 10
     include: str = ""
     exclude: str = ""
+    taylor_criterion: str = "taylor_fo_gate"
+    taylor_target: str = "params"
     taylor_step_fraction: float = 0.02
     seed: int = 0
 
@@ -151,11 +159,16 @@ def parse_block(text: str) -> BlockShape:
     return BlockShape(int(match[1]), int(match[2]))
 
 
+def _section(recipe: Recipe, name: str) -> Any:
+    """The section ``name`` of ``recipe``; :class:`RecipeError` for an unknown name."""
+    names = [f.name for f in dataclasses.fields(recipe)]
+    if name not in names:
+        raise RecipeError(f"unknown recipe section {name!r}: use one of {', '.join(names)}")
+    return getattr(recipe, name)
+
+
 def _set(recipe: Recipe, section: str, key: str, value: Any) -> None:
-    if section not in {f.name for f in dataclasses.fields(recipe)}:
-        raise RecipeError(f"unknown recipe section [{section}]: use one of "
-                          f"{', '.join(f.name for f in dataclasses.fields(recipe))}")
-    target = getattr(recipe, section)
+    target = _section(recipe, section)
     fields = {f.name: f for f in dataclasses.fields(target)}
     if key not in fields:
         raise RecipeError(f"unknown key {key!r} in [{section}]: use one of {', '.join(fields)}")
@@ -167,8 +180,8 @@ def _set(recipe: Recipe, section: str, key: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"[{section}] {key} = {value!r}: write a whole number")
     elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"[{section}] {key} = {value!r}: write a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= sys.float_info.max:
+            raise RecipeError(f"[{section}] {key} = {value!r}: write a finite number")
         value = float(value)
     elif isinstance(default, str):
         if not isinstance(value, str):
@@ -176,8 +189,11 @@ def _set(recipe: Recipe, section: str, key: str, value: Any) -> None:
     elif isinstance(default, list):
         if isinstance(value, (str, int)):
             value = [value]
-        if not isinstance(value, list):
-            raise RecipeError(f"[{section}] {key} = {value!r}: write a list, e.g. {default!r}")
+        (item,) = get_args(get_type_hints(type(target))[key])
+        if not isinstance(value, list) or any(not isinstance(v, item) or isinstance(v, bool) for v in value):
+            kind = "quoted strings" if item is str else "whole numbers"
+            raise RecipeError(f"[{section}] {key} = {value!r}: write a list of {kind}, "
+                              f"e.g. {default or ['1,1,64,100']!r}")
     setattr(target, key, value)
 
 
@@ -195,6 +211,20 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError("[prune] need 0 ≤ start_fraction < end_fraction ≤ 1")
     if not 0.0 < p.taylor_step_fraction < 1.0:
         raise RecipeError("[prune] taylor_step_fraction must be in (0, 1)")
+    if not p.lr > 0.0:
+        raise RecipeError(f"[prune] lr = {p.lr}: use a positive learning rate, e.g. 5e-4")
+    for key in ("include", "exclude"):
+        try:
+            re.compile(getattr(p, key))
+        except (re.error, OverflowError, RecursionError) as error:
+            raise RecipeError(f"[prune] {key} = {getattr(p, key)!r} is not a regular expression ({error}): "
+                              "fix the pattern") from error
+    from compressor.taylor.criteria import CRITERIA
+
+    if p.taylor_criterion not in CRITERIA:
+        raise RecipeError(f"[prune] taylor_criterion = {p.taylor_criterion!r}: use one of {', '.join(CRITERIA)}")
+    if p.taylor_target not in ("params", "flops"):
+        raise RecipeError(f"[prune] taylor_target = {p.taylor_target!r}: use params or flops")
     if recipe.pack.format not in PACK_FORMATS:
         raise RecipeError(f"[pack] format = {recipe.pack.format!r}: use one of {', '.join(PACK_FORMATS)}")
     bad = [f for f in recipe.export.formats if f not in EXPORT_FORMATS]
@@ -215,12 +245,13 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     """A :class:`Recipe` from TOML text (defaults for everything it leaves out)."""
     try:
         document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
+    except (ValueError, RecursionError) as error:  # TOMLDecodeError; too long a number; too deep a nesting
         raise RecipeError(f"{source} is not valid TOML ({error}): fix the syntax") from error
     recipe = Recipe()
     for section, body in document.items():
         if not isinstance(body, dict):
             raise RecipeError(f"{source}: {section!r} must be a [section], not a plain value")
+        _section(recipe, section)  # an empty unknown section is a typo too
         for key, value in body.items():
             _set(recipe, section, key, value)
     validate(recipe)

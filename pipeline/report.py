@@ -6,7 +6,15 @@
   ``task`` / ``metric``: the task and its first metric (``cer``, ``accuracy``, ``bpc``…);
 - ``prune``: ``method``, ``sparsity_asked``, ``sparsity_reached`` (pruned / prunable weights),
   ``block``, ``steps``, ``seconds``, ``losses`` (sampled), ``layers`` (per weight: ``name``,
-  ``shape``, ``pruned``, ``total``, ``block``, ``blocks_pruned``, ``blocks_total``);
+  ``shape``, ``pruned``, ``total``, ``block``, ``blocks_pruned``, ``blocks_total``),
+  ``left_dense`` (layers with a weight matrix the method does not prune: name → type).
+  Structured (``method = "taylor"``): ``sparsity_reached`` is the fraction of the parameters (or
+  FLOPs, ``target``) removed; ``params_fraction``, ``flops_fraction``, ``units_fraction`` left;
+  ``criterion``, ``units_per_round``, ``rounds``, ``target_reached``, ``curve`` (step, params,
+  flops, units), ``layers`` (per layer: ``name``, ``kind``, ``pruned`` and ``total`` units),
+  ``left_alone`` (structure → reason);
+- ``input_fp32_bytes``: the input model's fp32 state_dict (differs from ``size.dense_fp32_bytes``
+  when the model was shrunk);
 - ``size``: :meth:`compressor.size.SizeReport.as_dict` of the packed model (per layer: format,
   block, dtype, nnz, stored bytes of each array; ``dense_fp32_bytes``, ``total_bytes``,
   ``compression``); ``quant_errors``: per int8 layer;
@@ -31,7 +39,10 @@ from compressor.texttable import format_table
 def size_steps(report: dict[str, Any]) -> list[tuple[str, int]]:
     """The size waterfall: fp32 dense → stored fp32 / int8 packed → each artifact file."""
     size = report["size"]
-    steps = [("fp32 dense (state_dict)", size["dense_fp32_bytes"]), ("packed (stored arrays)", size["total_bytes"])]
+    steps = [("fp32 dense (state_dict)", report.get("input_fp32_bytes", size["dense_fp32_bytes"]))]
+    if structured(report):
+        steps.append(("fp32 shrunk (state_dict)", size["dense_fp32_bytes"]))
+    steps.append(("packed (stored arrays)", size["total_bytes"]))
     for name, artifact in report.get("artifacts", {}).items():
         if name == "onnx":
             for step, nbytes in artifact["sizes_by_step"].items():
@@ -39,6 +50,17 @@ def size_steps(report: dict[str, Any]) -> list[tuple[str, int]]:
         else:
             steps.append((f"{name} library", artifact["size_bytes"]))
     return steps
+
+
+def structured(report: dict[str, Any]) -> bool:
+    """True when the model was shrunk by structured (Taylor) pruning."""
+    return report["prune"].get("method") == "taylor"
+
+
+def pruned_what(report: dict[str, Any]) -> str:
+    """What ``sparsity_reached`` is a fraction of."""
+    return f"the {report['prune'].get('target', 'params')} (whole units removed)" if structured(report) else \
+        "the prunable weights"
 
 
 def summary_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -62,10 +84,11 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
 
 def format_summary(report: dict[str, Any]) -> str:
     prune = report["prune"]
-    head = (f"{prune['method']} pruning: {prune.get('sparsity_reached', 0.0):.1%} of the prunable weights "
+    dense = report.get("input_fp32_bytes", report["size"]["dense_fp32_bytes"])
+    head = (f"{prune['method']} pruning: {prune.get('sparsity_reached', 0.0):.1%} of {pruned_what(report)} "
             f"(asked {prune.get('sparsity_asked', 0.0):.0%}); stored {format_bytes(report['size']['total_bytes'])} "
-            f"vs {format_bytes(report['size']['dense_fp32_bytes'])} fp32 dense "
-            f"({report['size']['compression']:.1f}×); {report['total_seconds']:.0f} s in all")
+            f"vs {format_bytes(dense)} fp32 dense ({dense / max(1, report['size']['total_bytes']):.1f}×); "
+            f"{report['total_seconds']:.0f} s in all")
     return head + "\n" + format_table(["kind", "what", "value"], summary_rows(report))
 
 
@@ -76,6 +99,8 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"TVM {m['tvm']}. Every number below was measured by this run.", "",
              "```", format_summary(report), "```", "",
              "![size](size.png)", "![sparsity](sparsity.png)", "![accuracy](accuracy.png)", "![latency](latency.png)", "",
+             *_left_dense_lines(report),
+             *_structured_lines(report),
              "## Layers", "", "| weight | shape | sparsity | format | dtype | stored |", "| --- | --- | --- | --- | --- | --- |"]
     sparsity = {row["name"]: row["pruned"] / max(1, row["total"]) for row in report["prune"].get("layers", [])}
     for layer in report["size"]["layers"]:
@@ -83,6 +108,30 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {layer['name']} | {tuple(layer['shape'])} | {sparsity.get(layer['name'], 0.0):.1%} | {fmt} | "
                      f"{layer['dtype']} | {format_bytes(layer['stored_bytes'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _left_dense_lines(report: dict[str, Any]) -> list[str]:
+    left = report["prune"].get("left_dense", {})
+    if not left:
+        return []
+    return [f"Left dense (layers {report['prune']['method']} pruning does not handle): "
+            + ", ".join(f"{name} ({kind})" for name, kind in left.items()), ""]
+
+
+def _structured_lines(report: dict[str, Any]) -> list[str]:
+    """Units removed per layer and the structures left alone, for a shrunk model."""
+    if not structured(report):
+        return []
+    prune = report["prune"]
+    lines = ["## Units removed (Taylor, " + prune["criterion"] + ")", "",
+             f"Parameters left {prune['params_fraction']:.1%}, FLOPs left {prune['flops_fraction']:.1%}, units left "
+             f"{prune['units_fraction']:.1%} after {prune['rounds']} rounds of {prune['units_per_round']} units"
+             + ("" if prune["target_reached"] else " — the target was not reached: give more steps"), "",
+             "| layer | kind | removed / units |", "| --- | --- | --- |"]
+    lines += [f"| {row['name']} | {row['kind']} | {row['pruned']} / {row['total']} |" for row in prune["layers"]]
+    if prune["left_alone"]:
+        lines += ["", "Left alone: " + "; ".join(f"{name} ({why})" for name, why in prune["left_alone"].items())]
+    return lines + [""]
 
 
 def plot_all(report: dict[str, Any], out: Path) -> list[Path]:
@@ -113,8 +162,8 @@ def plot_all(report: dict[str, Any], out: Path) -> list[Path]:
     ax.barh([row["name"] for row in layers][::-1], [row["pruned"] / max(1, row["total"]) for row in layers][::-1],
             color="tab:green")
     ax.set_xlim(0, 1)
-    ax.set_xlabel("sparsity")
-    ax.set_title("Per-layer sparsity")
+    ax.set_xlabel("fraction of units removed" if structured(report) else "sparsity")
+    ax.set_title("Per-layer units removed" if structured(report) else "Per-layer sparsity")
     save(fig, "sparsity.png")
 
     metric, metrics = report.get("metric"), report.get("metrics", {})
@@ -123,7 +172,7 @@ def plot_all(report: dict[str, Any], out: Path) -> list[Path]:
     for name, values in metrics.items():
         if metric in values:
             ax.scatter([0.0 if name == "pytorch dense" else reached], [values[metric]], label=name, s=50)
-    ax.set_xlabel("sparsity of the prunable weights")
+    ax.set_xlabel(f"fraction of {pruned_what(report)}")
     ax.set_ylabel(metric or "metric")
     ax.set_title("Task metric against sparsity")
     if metrics:

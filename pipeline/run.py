@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from compressor.size import size_report
+from compressor.size import fp32_bytes, size_report
 from runtime_tests.onnxruntime_check import relative_errors
 
 from . import stages
 from .checkpoint import load_recipe_model
 from .recipe import Recipe
 from .report import write_report
+from .workspace import OutputFolder
 
 #: parity tolerances, relative to the largest reference output
 FP32_RTOL = 1e-4
@@ -56,10 +57,18 @@ def _evaluate(task, model, name: str) -> dict[str, float]:
     return {**metrics, "seconds": time.perf_counter() - start, "evaluated": name}
 
 
-def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Run every stage of ``recipe``; write the artifacts and the report into ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def run(recipe: Recipe, out: str | Path, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Run every stage of ``recipe``; write the artifacts and the report into ``out`` — all of them
+    when the run succeeds, none otherwise (:class:`~pipeline.workspace.OutputFolder`).  The
+    fine-tuning state is kept in ``out/.resume`` until the run succeeds; ``resume=True``
+    continues an interrupted run from it."""
+    folder = OutputFolder(out)
+    with folder as work:
+        checkpoint = folder.resume_checkpoint(stages.fine_tuning_settings(recipe), resume)
+        return _run(recipe, folder, work, progress, checkpoint)
+
+
+def _run(recipe: Recipe, folder: OutputFolder, out: Path, progress: bool, checkpoint: Path) -> dict[str, Any]:
     threads = recipe.check.threads
     torch.set_num_threads(threads)
     os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
@@ -75,9 +84,11 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
     model, factory_examples = load_recipe_model(recipe.model)
     task = stages.make_task(recipe.data, progress)
     inputs = stages.example_inputs(task, recipe.data, factory_examples)
+    stages.validate_model(model, inputs)
     timed("load", t)
 
     report: dict[str, Any] = {"schema": 1, "recipe": recipe.as_dict(), "inputs": [list(x.shape) for x in inputs],
+                              "input_fp32_bytes": fp32_bytes(model),
                               "task": getattr(task, "name", None), "metric": getattr(task, "metric", None)}
     metrics: dict[str, dict] = {}
     if task is not None:
@@ -86,7 +97,7 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
 
     t = time.perf_counter()
     stage(f"prune ({recipe.prune.method}, {recipe.prune.sparsity:.0%})")
-    pruned = stages.prune_model(model, task, recipe.prune, threads, progress)
+    pruned = stages.prune_model(model, task, recipe.prune, threads, progress, inputs, checkpoint)
     report["prune"] = pruned.record
     timed("prune", t)
     if task is not None:
@@ -112,6 +123,11 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
         stage("export ONNX")
         axes = stages.dynamic_axes_for(getattr(task, "name", ""), len(inputs))
         artifacts["onnx"] = stages.export_onnx_artifact(pruned.model, inputs, out, recipe.pack.int8, axes)
+        if pruned.structured:
+            from exporters.onnx import export_onnx
+
+            input_file = Path(artifacts["onnx"]["intermediate_dir"]) / "model.input.fp32.onnx"
+            artifacts["onnx"]["input_model_fp32"] = str(export_onnx(model, inputs, input_file, dynamic_axes=axes).path)
         from runtime_tests.onnxruntime_check import OnnxModule, run_onnx
 
         got = run_onnx(artifacts["onnx"]["path"], [x.numpy() for x in inputs])
@@ -151,6 +167,7 @@ def run(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any
     stage("report")
     stage.close()
     report["checks_passed"] = all(parity[k] <= artifacts[k]["parity_tolerance"] for k in parity)
+    report = folder.relocate(report)
     write_report(report, out)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
     return report
@@ -178,6 +195,9 @@ def _latencies(recipe: Recipe, pruned_model, dense_model, artifacts: dict, input
                "pytorch pruned": stages.torch_latency_ms(pruned_model, batch_inputs)}
         if "onnx" in artifacts:
             steps = Path(artifacts["onnx"]["intermediate_dir"])
+            if "input_model_fp32" in artifacts["onnx"]:  # a shrunk model: the input model's own fp32 file too
+                row["onnx runtime input model fp32"] = stages.onnx_latency_ms(artifacts["onnx"]["input_model_fp32"],
+                                                                              arrays, threads)
             row["onnx runtime fp32"] = stages.onnx_latency_ms(steps / "model.fp32.onnx", arrays, threads)
             row["onnx runtime artifact"] = stages.onnx_latency_ms(artifacts["onnx"]["path"], arrays, threads)
         if "tvm host" in artifacts:

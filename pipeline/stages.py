@@ -36,11 +36,10 @@ def make_task(data: DataSection, progress: bool = True) -> Task | None:
     if name == "none":
         return None
     if name in ("speech-digits", "speech-sentences"):
-        from compressor.tasks.speech import SpeechCorpusSpec, SpeechTask
+        from compressor.tasks.speech import STANDARD_CORPORA, SpeechTask
 
-        spec = (SpeechCorpusSpec(kind="digits", train_size=4000, test_size=400, flite_size=200) if name == "speech-digits"
-                else SpeechCorpusSpec(kind="sentences"))
-        return SpeechTask(spec, batch_size=32, progress=progress, eval_limit=data.eval_limit)
+        return SpeechTask(STANDARD_CORPORA[name.removeprefix("speech-")], batch_size=32, progress=progress,
+                          eval_limit=data.eval_limit)
     if name in ("fashion-mnist", "digits"):
         from compressor.tasks.images import ImageTask
 
@@ -96,7 +95,47 @@ def example_inputs(task: Task | None, data: DataSection, factory_examples: tuple
     return (first[:1],)
 
 
+# ----------------------------------------------------------------------------------- model
+
+
+def validate_model(model: nn.Module, inputs: Sequence[torch.Tensor] | None = None) -> None:
+    """Refuse a model that cannot be compressed: no parameters, NaN / Inf weights, or (with
+    ``inputs``) inputs it does not accept.  Raises :class:`RecipeError` naming the problem."""
+    state = model.state_dict()
+    if not any(t.numel() for t in state.values()):
+        raise RecipeError("the model has no weights: nothing to compress (check --model / the checkpoint)")
+    bad = [f"{name} ({int(t.isnan().sum())} NaN, {int(t.isinf().sum())} Inf)" for name, t in state.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise RecipeError(f"the checkpoint has non-finite weights in {', '.join(bad[:4])}{' …' if len(bad) > 4 else ''}:"
+                          " fix the training run that wrote it (lower the learning rate, clip gradients)")
+    if inputs is None:
+        return
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    except Exception as error:  # any failure here means the shapes are wrong for this model
+        shapes = ", ".join(",".join(map(str, x.shape)) for x in inputs)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecipeError(f"the model does not accept inputs of shape {shapes} ({type(error).__name__}: {reason}): "
+                          "give --input-shape with the shapes it expects, one per input") from error
+
+
+def fine_tuning_settings(recipe) -> dict[str, Any] | None:
+    """The recipe values that shape magnitude pruning while fine-tuning — what ``--resume`` must
+    find unchanged — or None when the recipe does not fine-tune that way."""
+    prune = recipe.prune
+    if recipe.data.task == "none" or prune.steps == 0 or prune.sparsity == 0 or \
+            prune.method not in ("gradual", "cubic", "hard"):
+        return None
+    document = recipe.as_dict()
+    return {f"{section}.{key}": value for section in ("model", "data", "prune")
+            for key, value in document[section].items()}
+
+
 # ----------------------------------------------------------------------------------- prune
+
+CHECKPOINT_EVERY = 10  # fine-tuning steps between two saves of the resumable state
 
 
 def prune_groups(model: nn.Module, prune: PruneSection, schedule) -> list[PruneGroup]:
@@ -129,17 +168,28 @@ class PruneResult:
     model: nn.Module
     record: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def structured(self) -> bool:
+        """True for a Taylor-shrunk model: smaller and dense, not a state_dict of the input model."""
+        return self.record.get("method") == "taylor"
+
 
 def prune_model(model: nn.Module, task: Task | None, prune: PruneSection, threads: int | None = None,
-                progress: bool = True) -> PruneResult:
+                progress: bool = True, inputs: Sequence[torch.Tensor] | None = None,
+                checkpoint: Path | None = None) -> PruneResult:
     """A pruned, finalized copy of ``model``: gradual / cubic / hard pruning inside ``prune.steps``
-    fine-tuning steps on the task, or one-shot without training (no task, or ``steps = 0``)."""
+    fine-tuning steps on the task, one-shot without training (no task, or ``steps = 0``), or
+    Taylor structured pruning (``method = "taylor"``; needs ``inputs``) that returns a smaller
+    dense model.  ``checkpoint``: the fine-tuning state is saved there every
+    :data:`CHECKPOINT_EVERY` steps and on Ctrl-C, and a run resumes from it if it exists."""
     model = copy.deepcopy(model)
     if prune.method == "none" or prune.sparsity == 0.0:
         return PruneResult(model.eval(), {"method": "none", "sparsity": 0.0})
     if prune.method == "taylor":
-        raise RecipeError("[prune] method = 'taylor' needs the structured pruner of the [taylor] stage, "
-                          "which this version does not ship yet: use gradual, cubic or hard")
+        if checkpoint is not None and checkpoint.exists():
+            raise RecipeError("--resume: Taylor pruning cannot resume an interrupted run yet: run it again "
+                              "without --resume")
+        return _prune_taylor(model, task, prune, threads, progress, inputs)
     if (task is None or prune.steps == 0) and prune.method != "hard":
         raise RecipeError(f"[prune] method = {prune.method!r} prunes during training: give a --data task and steps > 0, "
                           "or use method = 'hard' for one-shot pruning without training")
@@ -151,8 +201,9 @@ def prune_model(model: nn.Module, task: Task | None, prune: PruneSection, thread
     if task is None or prune.steps == 0:
         pruner.step()
     else:
-        result = train(model, task, TrainConfig(steps=prune.steps, lr=prune.lr, grad_clip=5.0, seed=prune.seed,
-                                                threads=threads), pruner, progress=progress, desc=f"prune ({prune.method})")
+        config = TrainConfig(steps=prune.steps, lr=prune.lr, grad_clip=5.0, seed=prune.seed, threads=threads,
+                             checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY)
+        result = train(model, task, config, pruner, progress=progress, desc=f"prune ({prune.method})")
         losses = result.losses
     rows = pruner.report()
     pruned = pruner.finalize().eval()
@@ -160,7 +211,64 @@ def prune_model(model: nn.Module, task: Task | None, prune: PruneSection, thread
     return PruneResult(pruned, {"method": prune.method, "sparsity_asked": prune.sparsity, "sparsity_reached": reached,
                                 "block": prune.block, "steps": prune.steps, "seconds": time.perf_counter() - start,
                                 "losses": losses[:: max(1, len(losses) // 100)],
-                                "layers": [row.__dict__ for row in sparsity_report(pruned)]})
+                                "layers": [row.__dict__ for row in sparsity_report(pruned)],
+                                "left_dense": left_dense(pruned, {row.name for row in rows})})
+
+
+def left_dense(model: nn.Module, pruned: set[str]) -> dict[str, str]:
+    """Layers with a weight matrix that the pruning left alone: ``{module name: type}``
+    (normalization layers, which are never pruned, are not listed)."""
+    skip = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    result = {}
+    for name, module in model.named_modules():
+        weights = [f"{name}.{p}" if name else p for p, value in module.named_parameters(recurse=False)
+                   if value.dim() >= 2]
+        if weights and not isinstance(module, skip) and not any(w in pruned for w in weights):
+            result[name or "(root)"] = type(module).__name__
+    return result
+
+
+def _prune_taylor(model: nn.Module, task: Task | None, prune: PruneSection, threads: int | None, progress: bool,
+                  inputs: Sequence[torch.Tensor] | None) -> PruneResult:
+    """Molchanov et al. (2019): gates, importance averaged with momentum 0.9, the least important
+    ``taylor_step_fraction`` of the units removed every ``freq`` fine-tuning steps until
+    ``1 - sparsity`` of the parameters (or FLOPs) remain; then the model is physically shrunk."""
+    from compressor.taylor import PruneTarget, TaylorPruner, prune_finetune
+
+    if task is None or prune.steps == 0:
+        raise RecipeError("[prune] method = 'taylor' ranks units by gradients while fine-tuning: give a --data task "
+                          "and steps > 0")
+    if not inputs:
+        raise RecipeError("[prune] method = 'taylor' needs example inputs: give --input-shape or a --data task")
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    try:
+        pruner = TaylorPruner(prune.taylor_criterion, every=prune.freq, seed=prune.seed,
+                              target=PruneTarget(prune.taylor_target, 1.0 - prune.sparsity))
+        pruner.prepare(model, batched(inputs, 2))
+        prunable = int(pruner.remaining()["prunable_units"])
+        if prunable == 0:
+            raise RecipeError("[prune] method = 'taylor' found no unit it can remove in this model (see the "
+                              f"structures left alone: {', '.join(pruner.left_alone) or 'none'}): use gradual or hard")
+        pruner.per_prune = max(1, round(prune.taylor_step_fraction * prunable))
+        curve = prune_finetune(model, task, pruner, prune.steps, lr=prune.lr, grad_clip=5.0, seed=prune.seed,
+                               evaluate=lambda _: {}, progress=progress, desc="prune (taylor)")
+        now = pruner.remaining()
+        small = pruner.shrink().eval()
+    finally:
+        torch.set_num_threads(threads_before)
+    return PruneResult(small, {
+        "method": "taylor", "criterion": prune.taylor_criterion, "target": prune.taylor_target,
+        "sparsity_asked": prune.sparsity, "sparsity_reached": 1.0 - now[f"{prune.taylor_target}_fraction"],
+        "params_fraction": now["params_fraction"], "flops_fraction": now["flops_fraction"],
+        "units_fraction": now["units_fraction"], "units_per_round": pruner.per_prune, "rounds": len(pruner.history),
+        "target_reached": pruner.reached(), "steps": prune.steps, "seconds": time.perf_counter() - start,
+        "curve": [{k: v for k, v in point.items() if k in ("step", "params", "flops", "units")} for point in curve],
+        "layers": [{"name": row["layer"], "kind": row["kind"], "pruned": row["total"] - row["kept"], "total": row["total"]}
+                   for row in pruner.report()],
+        "left_alone": pruner.left_alone})
 
 
 # ------------------------------------------------------------------------------------ pack

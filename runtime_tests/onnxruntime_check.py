@@ -31,13 +31,32 @@ import torch
 from torch import nn
 
 
+class ArtifactError(ValueError):
+    """An artifact (ONNX model, TVM library) that its runtime cannot load; the message names the
+    file, the problem and the fix."""
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (runtimes write several), or its type without one."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPUExecutionProvider session; ``threads`` sets both intra- and inter-op thread counts."""
+    """A CPUExecutionProvider session; ``threads`` sets both intra- and inter-op thread counts.
+    :class:`ArtifactError` if ``path`` is not a file or not a model ONNX Runtime can load."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is not a file: give the path of an .onnx model")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ONNX Runtime's error types share no base class but Exception
+        raise ArtifactError(f"{path} cannot be loaded by ONNX Runtime ({_first_line(error)}): export it again"
+                            ) from error
 
 
 def session_creation_seconds(path: str | Path, repeats: int = 5, threads: int | None = 1) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,50 @@ from tvm import relax
 
 from exporters.tvm_rpc import RemoteSession, remote_session
 
-from .onnxruntime_check import Parity, _shape, relative_errors
+from .onnxruntime_check import ArtifactError, Parity, _first_line, _shape, relative_errors
+
+#: Per ELF class (1: 32-bit, 2: 64-bit), ``struct`` layouts of the file header from ``e_type`` (type,
+#: program- and section-header offsets, their entry sizes and counts) and of a program header
+#: (type, file offset, size in the file); ``x`` skips the fields not checked.
+ELF_LAYOUTS = {1: ("H10xII6xHHHH", "II8xI"), 2: ("H14xQQ6xHHHH", "I4xQ16xQ")}
+ET_DYN = 3
+
+
+def check_library(path: Path) -> None:
+    """:class:`ArtifactError` unless ``path`` is a whole ELF shared library: ``dlopen`` maps a
+    truncated one and the process dies of SIGBUS, so the header tables and every segment must lie
+    inside the file.  (A library with corrupted contents can still crash ``dlopen``.)"""
+    fix = "export it again with exporters.tvm.export_tvm"
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ArtifactError(f"{path} cannot be read ({_first_line(error)}): give the path of a TVM library") from error
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] not in ELF_LAYOUTS or data[5] not in (1, 2):
+        raise ArtifactError(f"{path} is not a shared library (no ELF header): {fix}")
+    order = "<" if data[5] == 1 else ">"
+    header, segment = (order + layout for layout in ELF_LAYOUTS[data[4]])
+    e_type, phoff, shoff, phentsize, phnum, shentsize, shnum = struct.unpack_from(header, data, 16)
+    if e_type != ET_DYN:
+        raise ArtifactError(f"{path} is an ELF file but not a shared library (type {e_type}): {fix}")
+    if (phnum == 0 or phentsize < struct.calcsize(segment) or phoff + phnum * phentsize > len(data)
+            or shoff + shnum * shentsize > len(data)
+            or any(offset + size > len(data) for _, offset, size in
+                   (struct.unpack_from(segment, data, phoff + i * phentsize) for i in range(phnum)))):
+        raise ArtifactError(f"{path} is truncated or corrupt (its ELF tables or segments end past its "
+                            f"{len(data)} bytes): {fix}")
 
 
 def load_vm(path: str | Path, device: tvm.runtime.Device | None = None) -> relax.VirtualMachine:
-    """A Relax VM over the library at ``path`` on ``device`` (the local CPU by default)."""
-    return relax.VirtualMachine(tvm.runtime.load_module(str(path)), device or tvm.cpu())
+    """A Relax VM over the library at ``path`` on ``device`` (the local CPU by default);
+    :class:`ArtifactError` for a file that is not a whole shared library (:func:`check_library`)
+    or not a TVM Relax library for this machine."""
+    path = Path(path)
+    check_library(path)
+    try:
+        return relax.VirtualMachine(tvm.runtime.load_module(str(path)), device or tvm.cpu())
+    except Exception as error:  # TVM raises TVMError, RuntimeError, AttributeError, …
+        raise ArtifactError(f"{path} is not a TVM Relax library for this machine ({_first_line(error)}): "
+                            "export it again with exporters.tvm.export_tvm") from error
 
 
 def _outputs(result: Any) -> list[np.ndarray]:

@@ -204,3 +204,94 @@ def test_api_reference_is_current():
 
     current = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
     assert generate() == current, "docs/api.md is stale: run python -m pipeline.apidoc > docs/api.md"
+
+
+CNN_FACTORY = '''
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+'''
+
+TAYLOR_RECIPE = '''
+[data]
+task = "digits"
+[prune]
+method = "taylor"
+sparsity = 0.4
+steps = 60
+freq = 5
+taylor_step_fraction = 0.1
+lr = 3e-3
+[pack]
+format = "dense"
+int8 = false
+[check]
+batches = [1]
+'''
+
+
+def test_taylor_recipe_shrinks_the_model_and_exports_it(tmp_path):
+    """--method taylor: Molchanov pruning while fine-tuning, a physically smaller model, exported and checked."""
+    (tmp_path / "cnn.py").write_text(CNN_FACTORY)
+    (tmp_path / "taylor.toml").write_text(TAYLOR_RECIPE)
+    out = tmp_path / "out"
+    result = invoke("--model", f"{tmp_path / 'cnn.py'}:build", "--recipe", tmp_path / "taylor.toml", "--format", "both",
+                    "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    prune = report["prune"]
+    assert prune["method"] == "taylor" and prune["target_reached"] and prune["params_fraction"] <= 0.6
+    assert prune["sparsity_reached"] == pytest.approx(1 - prune["params_fraction"])
+    removed = {row["name"]: row["pruned"] for row in prune["layers"]}
+    assert removed["8"] == 0 and sum(removed.values()) > 0  # the output layer is never cut
+    # the file holds the smaller model: its convolutions have the channels the report says are left
+    graph = onnx.load(str(out / "onnx-steps" / "model.fp32.onnx")).graph
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    conv_out = [weights[node.input[1]][0] for node in graph.node if node.op_type == "Conv"]
+    assert conv_out == [16 - removed["0"], 32 - removed["3"]]
+    assert report["input_fp32_bytes"] > report["size"]["dense_fp32_bytes"] == report["size"]["total_bytes"]
+    assert report["checks_passed"]
+    metrics = report["metrics"]
+    assert metrics["onnx runtime"]["accuracy"] == metrics["pytorch pruned"]["accuracy"] == metrics["tvm host"]["accuracy"]
+    assert "onnx runtime input model fp32" in report["latency_ms"]["1"]
+    assert "Units removed (Taylor" in (out / "report.md").read_text()
+
+
+def test_taylor_prune_stage_writes_a_program_that_loads_without_the_project(tmp_path):
+    (tmp_path / "cnn.py").write_text(CNN_FACTORY)
+    (tmp_path / "taylor.toml").write_text(TAYLOR_RECIPE)
+    out = tmp_path / "out"
+    result = invoke("prune", "--model", f"{tmp_path / 'cnn.py'}:build", "--recipe", tmp_path / "taylor.toml",
+                    "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "of the parameters (whole units)" in result.output
+    small = torch.export.load(str(out / "pruned.pt2")).module()
+    assert small(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    conv_out = [p.shape[0] for name, p in small.named_parameters() if p.dim() == 4]
+    assert conv_out[0] < 16 or conv_out[1] < 32
+    exported = invoke("export", out / "pruned.pt2", "--data", "none", "--input-shape", "1,1,8,8", "--format", "onnx",
+                      "--fp32", "--out", tmp_path / "export")
+    assert exported.exit_code == 0, exported.output
+
+
+def test_exported_program_is_pruned_one_shot_and_exported(factory, tmp_path):
+    """A torch.export program (.pt2) with no Python class behind it: pruned, packed, exported, checked."""
+    sys.path.insert(0, str(tmp_path))
+    from netdef import build
+
+    net = build().eval()
+    x = torch.randn(2, 9, 12)
+    torch.export.save(torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)),
+                      tmp_path / "net.pt2")
+    out = tmp_path / "out"
+    result = invoke(tmp_path / "net.pt2", "--data", "none", "--input-shape", "1,9,12", "--method", "hard",
+                    "--sparsity", "0.8", "--format", "both", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["checks_passed"] and report["prune"]["sparsity_reached"] == pytest.approx(0.8, abs=0.01)
+    assert {layer["name"] for layer in report["size"]["layers"]} == {"gru.weight_ih_l0", "gru.weight_hh_l0", "fc.weight"}

@@ -65,6 +65,11 @@ class SpeechCorpusSpec:
         return f"{self.kind}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
+#: the corpora the shipped checkpoints, the command line and the benchmarks use
+STANDARD_CORPORA = {"digits": SpeechCorpusSpec(kind="digits", train_size=4000, test_size=400, flite_size=200),
+                    "sentences": SpeechCorpusSpec(kind="sentences", train_size=8000, test_size=400, flite_size=200)}
+
+
 @dataclass(frozen=True)
 class Utterance:
     text: str

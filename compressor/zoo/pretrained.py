@@ -41,9 +41,15 @@ class Recipe:
 
 
 def _speech_digits() -> Task:
-    from ..tasks.speech import SpeechCorpusSpec, SpeechTask
+    from ..tasks.speech import STANDARD_CORPORA, SpeechTask
 
-    return SpeechTask(SpeechCorpusSpec(kind="digits", train_size=4000, test_size=400, flite_size=200), batch_size=32)
+    return SpeechTask(STANDARD_CORPORA["digits"], batch_size=32)
+
+
+def _speech_sentences() -> Task:
+    from ..tasks.speech import STANDARD_CORPORA, SpeechTask
+
+    return SpeechTask(STANDARD_CORPORA["sentences"], batch_size=32)
 
 
 def _fashion_mnist() -> Task:
@@ -61,6 +67,8 @@ def _charlm() -> Task:
 RECIPES: dict[str, Recipe] = {
     "ds2-mini-digits": Recipe("ds2-mini", {}, _speech_digits,
                               TrainConfig(steps=1000, lr=2e-3, cosine=True, grad_clip=5.0, seed=0, threads=2)),
+    "ds2-mini-sentences": Recipe("ds2-mini", {}, _speech_sentences,
+                                 TrainConfig(steps=2400, lr=2e-3, cosine=True, grad_clip=5.0, seed=0, threads=1)),
     "resnet8-fashion-mnist": Recipe("resnet8", {}, _fashion_mnist,
                                     TrainConfig(steps=3000, lr=3e-3, cosine=True, weight_decay=1e-4, seed=0, threads=2)),
     "charlm-gru-kjv": Recipe("charlm", {"hidden": 512}, _charlm,
