@@ -1,6 +1,6 @@
 """Whole models, end to end: PyTorch eager, ONNX Runtime fp32/int8, TVM dense and TVM sparse fp32/int8.
 
-    python -m bench.end_to_end [--quick] [--threads 1] [--out bench/results]
+    python -m bench.end_to_end [--quick] [--threads 1] [--out bench/results] [--eval-limit N] [--no-accuracy]
 
 Models: the paper-size Deep Speech 2 (7 bidirectional ReLU RNN layers of 1760 with the shared
 input weight, 67.7 M parameters; untrained, so latency and size only), the trained ``ds2-mini``
@@ -11,6 +11,17 @@ costs), packed BSR 16×1, fp32 or int8.  Dense baselines: PyTorch eager, ONNX Ru
 int8 (``quantize_dynamic``, MatMul/Gemm only: ConvInteger is slower than fp32 Conv) of the
 *dense* model, and TVM with our scheduled dense kernels.  Latency: median over repeats after a
 warm-up, same thread count everywhere, batch 1 and 16, all in one process.
+
+Accuracy on the task (``"accuracy"`` of each row, and of the model), in a second phase after every
+latency is measured: each backend of the models with a shipped trained checkpoint (``ds2-mini``:
+CER / WER on the spoken digits, ResNet-8: accuracy on Fashion-MNIST) is evaluated on the first
+examples of the held-out test split (``--quick``: 200 utterances and 2,000 images; else all 400
+and 10,000) through :class:`runtime_tests.onnxruntime_check.OnnxModule` and
+:class:`runtime_tests.tvm_check.TvmModule`, as ``pipeline.run`` evaluates artifacts.  The
+artifacts are exported again for it from the same models with the same settings, speech ones with
+a run-time time axis (ONNX ``{batch, time}``, TVM ``{0: [3]}``) so that one file runs every
+utterance length; TVM libraries at batch 1.  The PyTorch accuracy of the pruned model (fp32, and
+with the int8 weights as stored) is recorded beside them as the reference of the sparse rows.
 """
 
 from __future__ import annotations
@@ -39,6 +50,10 @@ from compressor.zoo.pretrained import load_pretrained
 
 SPARSITY = 0.9
 BLOCK = BlockShape(16, 1)
+PRUNING = (f"one-shot magnitude pruning to {SPARSITY:.0%} in {BLOCK} blocks, no fine-tuning "
+           "(DS2: recurrent and FC weights; CNN: every Linear / Conv weight but the first convolution)")
+#: examples of the test split evaluated per backend (None: the whole split)
+EVAL_LIMITS = {True: {"speech-digits": 200, "fashion-mnist": 2000}, False: {"speech-digits": None, "fashion-mnist": None}}
 
 
 @dataclass
@@ -88,6 +103,17 @@ def _median_ms(call, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def prepare(spec: Spec) -> tuple[nn.Module, nn.Module, dict, torch.Tensor]:
+    """The dense model, its pruned copy, the pruned copy packed BSR fp32 / int8, and the example
+    input (batch 1) — the same every time (one-shot magnitude pruning is deterministic)."""
+    dense = spec.build()
+    sparse = sparse_copy(dense, spec.groups())
+    packed = {"fp32": pack_model(sparse, PackingConfig(format="bsr", block=BLOCK, dtype="fp32")),
+              "int8": pack_model(sparse, PackingConfig(format="bsr", block=BLOCK, dtype="int8"))}
+    example = torch.randn(spec.input_shape, generator=torch.Generator().manual_seed(0))
+    return dense, sparse, packed, example
+
+
 def measure_model(spec: Spec, batches: list[int], threads: int, repeats: int, directory: Path, progress: bool) -> dict:
     import tvm
 
@@ -97,11 +123,7 @@ def measure_model(spec: Spec, batches: list[int], threads: int, repeats: int, di
     from runtime_tests.onnxruntime_check import session
     from runtime_tests.tvm_check import latency_ms, load_vm
 
-    dense = spec.build()
-    sparse = sparse_copy(dense, spec.groups())
-    packed = {"fp32": pack_model(sparse, PackingConfig(format="bsr", block=BLOCK, dtype="fp32")),
-              "int8": pack_model(sparse, PackingConfig(format="bsr", block=BLOCK, dtype="int8"))}
-    example = torch.randn(spec.input_shape, generator=torch.Generator().manual_seed(0))
+    dense, _, packed, example = prepare(spec)
     onnx_fp32 = export_onnx(dense, (example,), directory / f"{spec.name}.onnx").path
     onnx_int8 = quantize_int8(onnx_fp32, directory / f"{spec.name}.int8.onnx", op_types=["MatMul", "Gemm"])
     rows: dict[str, dict] = {}
@@ -136,10 +158,74 @@ def measure_model(spec: Spec, batches: list[int], threads: int, repeats: int, di
         entry["speedup_vs_onnx_int8"] = {b: rows["onnx runtime int8 dense"]["latency_ms"][b] / ms
                                          for b, ms in entry["latency_ms"].items()}
     return {"model": spec.name, "input_shape": list(spec.input_shape), "sparsity": SPARSITY, "block": str(BLOCK),
-            "parameters": sum(p.numel() for p in dense.parameters()), "rows": rows}
+            "pruning": PRUNING, "parameters": sum(p.numel() for p in dense.parameters()), "rows": rows}
 
 
-def measure(quick: bool, threads: int, progress: bool = True) -> dict:
+def make_task(name: str, eval_limit: int | None):
+    """The task of a shipped checkpoint, evaluating the first ``eval_limit`` test examples."""
+    if name.startswith("speech-"):
+        from compressor.tasks.speech import STANDARD_CORPORA, SpeechTask
+
+        return SpeechTask(STANDARD_CORPORA[name.removeprefix("speech-")], progress=False, eval_limit=eval_limit)
+    from compressor.tasks.images import ImageTask
+
+    return ImageTask(name, eval_limit=eval_limit)
+
+
+def evaluated_examples(task) -> int:
+    count = len(task.corpus["test"].features) if hasattr(task, "corpus") else len(task.images["test"])
+    return count if task.eval_limit is None else min(count, task.eval_limit)
+
+
+def measure_accuracy(spec: Spec, eval_limit: int | None, threads: int, directory: Path, progress: bool) -> dict:
+    """Task metrics of every backend of ``spec`` (see the module docstring): ``{"rows": {backend:
+    metrics}, "reference": {pruned PyTorch model: metrics}, ...}``; each entry's ``seconds`` covers the
+    export of its artifact (TVM compilation) and the evaluation.  Exports its own artifacts (run-time
+    time axis for speech) into ``directory``."""
+    from exporters.onnx import export_onnx
+    from exporters.onnx_quantize import quantize_int8
+    from exporters.tvm import export_tvm
+    from pipeline.stages import dynamic_axes_for, tvm_dynamic_axes
+    from runtime_tests.onnxruntime_check import OnnxModule
+    from runtime_tests.tvm_check import TvmModule
+
+    started = time.perf_counter()
+    task = make_task(spec.task, eval_limit)
+    dense, sparse, packed, example = prepare(spec)
+    methods = {"output_lengths": dense.output_lengths} if hasattr(dense, "output_lengths") else {}
+    onnx_axes, tvm_axes = dynamic_axes_for(task.name, 1), tvm_dynamic_axes(task.name, 1)
+    work = directory / "accuracy" / spec.task
+    onnx_fp32 = export_onnx(dense, (example,), work / "dense.onnx", dynamic_axes=onnx_axes).path
+    onnx_int8 = quantize_int8(onnx_fp32, work / "dense.int8.onnx", op_types=["MatMul", "Gemm"])
+
+    def tvm(model, name: str) -> nn.Module:
+        artifact = export_tvm(model, (example,), work / f"{name}.so", dynamic_axes=tvm_axes)
+        return TvmModule(artifact.path, example.shape[0], **methods)
+
+    backends = {"pytorch eager dense": lambda: dense,
+                "onnx runtime fp32 dense": lambda: OnnxModule(onnx_fp32, threads, **methods),
+                "onnx runtime int8 dense": lambda: OnnxModule(onnx_int8, threads, **methods),
+                "tvm dense fp32": lambda: tvm(dense, "tvm-dense-fp32"),
+                "tvm sparse fp32": lambda: tvm(packed["fp32"], "tvm-sparse-fp32"),
+                "tvm sparse int8": lambda: tvm(packed["int8"], "tvm-sparse-int8")}
+    references = {"pytorch eager sparse fp32": lambda: sparse,
+                  "pytorch eager sparse int8 (stored weights)": lambda: packed["int8"].dequantized()}
+    rows, reference = {}, {}
+    for into, table in ((rows, backends), (reference, references)):
+        for name, build in table.items():
+            if progress:
+                print(f"  {spec.name}: {task.metric} of {name} …", flush=True)
+            start = time.perf_counter()
+            into[name] = {**task.evaluate(build()), "seconds": time.perf_counter() - start}
+    return {"task": task.name, "metric": task.metric, "split": "test", "examples": evaluated_examples(task),
+            "pruning": PRUNING, "time_axis": "run-time (dynamic)" if tvm_axes else "fixed",
+            "rows": rows, "reference": reference, "seconds": time.perf_counter() - started}
+
+
+def measure(quick: bool, threads: int, progress: bool = True, accuracy: bool = True,
+            eval_limit: int | None | str = "default") -> dict:
+    """Phase 1: latency and size of every model; phase 2 (``accuracy``): the task metric of every
+    backend of the models with a task, on ``eval_limit`` test examples (default: :data:`EVAL_LIMITS`)."""
     os.environ["TVM_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     from threadpoolctl import threadpool_limits
@@ -147,13 +233,35 @@ def measure(quick: bool, threads: int, progress: bool = True) -> dict:
     result = {"machine": machine_info(threads), "quick": quick, "models": []}
     repeats = 5 if quick else 15
     with threadpool_limits(threads), tempfile.TemporaryDirectory() as directory:
-        for spec in specs(quick):
+        chosen = specs(quick)
+        for spec in chosen:
             result["models"].append(measure_model(spec, [1, 16], threads, repeats, Path(directory), progress))
+        if accuracy:  # after every latency: evaluation never runs beside a timed call
+            for spec, model in zip(chosen, result["models"]):
+                if spec.task is None:
+                    continue
+                limit = EVAL_LIMITS[quick][spec.task] if eval_limit == "default" else eval_limit
+                add_accuracy(model, measure_accuracy(spec, limit, threads, Path(directory), progress))
     return result
 
 
+def add_accuracy(model: dict, accuracy: dict) -> None:
+    """Put each backend's metrics in its row (``row["accuracy"]``) and the rest in ``model["accuracy"]``."""
+    for name, metrics in accuracy["rows"].items():
+        model["rows"][name]["accuracy"] = metrics
+    model["accuracy"] = {key: value for key, value in accuracy.items() if key != "rows"}
+
+
 HEADER = ["model", "backend", "size", "ms b1", "ms b16", "× vs ORT fp32 b1", "× vs ORT int8 b1", "× vs ORT fp32 b16",
-          "× vs ORT int8 b16"]
+          "× vs ORT int8 b16", "task metric"]
+
+
+def metric_text(model: dict, metrics: dict | None) -> str:
+    """``"cer 1.37%"`` for a row evaluated on the task, ``"–"`` otherwise."""
+    if not metrics or "accuracy" not in model:
+        return "–"
+    metric = model["accuracy"]["metric"]
+    return f"{metric} {metrics[metric]:.2%}"
 
 
 def table_rows(result: dict) -> list[list[str]]:
@@ -165,7 +273,8 @@ def table_rows(result: dict) -> list[list[str]]:
             lat, f32, i8 = entry["latency_ms"], entry["speedup_vs_onnx_fp32"], entry["speedup_vs_onnx_int8"]
             rows.append([model["model"], name, format_bytes(entry["size_bytes"]),
                          *(f"{lat[b]:.2f}" for b in (1, 16)),
-                         f"{f32[1]:.1f}×", f"{i8[1]:.1f}×", f"{f32[16]:.1f}×", f"{i8[16]:.1f}×"])
+                         f"{f32[1]:.1f}×", f"{i8[1]:.1f}×", f"{f32[16]:.1f}×", f"{i8[16]:.1f}×",
+                         metric_text(model, entry.get("accuracy"))])
     return rows
 
 
@@ -176,6 +285,15 @@ def to_markdown(result: dict) -> str:
              f"Sparse: 90 % in 16×1 blocks, one-shot. Medians; batch 1 and 16.", "",
              "| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
+    evaluated = [m for m in result["models"] if "accuracy" in m]
+    if evaluated:
+        lines += ["", ("Task metric: first examples of the held-out test split, after every latency was measured; "
+                       "speech artifacts exported again with a run-time time axis. Pruned models in PyTorch (the "
+                       "reference of the sparse rows):"), ""]
+        lines += [f"- {m['model']} ({m['accuracy']['examples']} {m['accuracy']['task']} test examples): "
+                  + ", ".join(f"{name} {metric_text(m, metrics)}" for name, metrics in m["accuracy"]["reference"].items())
+                  for m in evaluated]
+        lines += ["", f"Pruning: {PRUNING}."]
     return "\n".join(lines) + "\n"
 
 
@@ -206,8 +324,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a 3-layer DS2 and fewer repeats")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--eval-limit", type=int, help="test examples per backend for the task metric "
+                        "(default: 200 utterances / 2,000 images with --quick, else the whole test split)")
+    parser.add_argument("--no-accuracy", action="store_true", help="latency and size only")
     args = parser.parse_args(argv)
-    result = measure(args.quick, args.threads)
+    result = measure(args.quick, args.threads, accuracy=not args.no_accuracy,
+                     eval_limit="default" if args.eval_limit is None else args.eval_limit)
     stem = args.out / ("end_to_end-quick" if args.quick else "end_to_end")
     write_results(result, stem, to_markdown, plot, HEADER, table_rows(result))
     return result
