@@ -215,9 +215,9 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(size: Size, with_large_sparse: bool, quick: bool) -> dict:
+def run(size: Size, with_large_sparse: bool, quick: bool, threads: int = 2) -> dict:
     """Every experiment on ``size.corpus``, starting from the shipped ``ds2-mini-<kind>`` checkpoint."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     task = SpeechTask(size.corpus, batch_size=32, eval_limit=size.eval_limit)
     checkpoint = f"ds2-mini-{size.corpus.kind}"
     base = load_pretrained(checkpoint)
@@ -242,9 +242,11 @@ def main() -> None:
     parser.add_argument("--skip-large-sparse", action="store_true", help="skip experiment 2 (trains from scratch)")
     parser.add_argument("--task", choices=sorted(STANDARD_CORPORA), default="digits",
                         help="digits (saturates: CI-sized) or sentences (KJV fragments: where pruning costs show)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (1 on a machine shared with other work: 2 threads then spin and crawl)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    result = run(sized(QUICK if args.quick else FULL, args.task), not args.skip_large_sparse, args.quick)
+    result = run(sized(QUICK if args.quick else FULL, args.task), not args.skip_large_sparse, args.quick, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"accuracy-{result['task']}" + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

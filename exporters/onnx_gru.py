@@ -29,6 +29,9 @@ passes that option (otherwise the same as :func:`exporters.onnx_quantize.quantiz
 input projection and the recurrent MatMul inside the Scan body both become
 ``DynamicQuantizeMatMul`` / ``MatMulInteger`` with QInt8 weights (zero point 0, pruned zeros stay
 zero).  Order: prune → finalize → export → :func:`lower_gru` → quantize → compress.
+
+:class:`ScanBuilder` (nodes, initializers, the Scan node and its body) and :func:`gru_step` are
+shared with :mod:`exporters.onnx_recurrence` (DS2's shared-input layers).
 """
 
 from __future__ import annotations
@@ -76,14 +79,124 @@ def _all_names(graph: onnx.GraphProto, names: set[str]) -> set[str]:
     return names
 
 
-class _Lowering:
+class ScanBuilder:
+    """The nodes and initializers that replace one recurrent node: top-level ones (``nodes``,
+    ``tensors``) and the body of its ``Scan`` (``body_nodes``, ``body_tensors``); every name
+    starts with ``prefix``.  Shared by :func:`lower_gru` and
+    :func:`exporters.onnx_recurrence.lower_shared_input_recurrences`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.p = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.tensors: list[onnx.TensorProto] = []
+        self.body_nodes: list[onnx.NodeProto] = []
+        self.body_tensors: list[onnx.TensorProto] = []
+        self._shapes: dict[str, str] = {}
+
+    def const(self, key: str, value: np.ndarray, local: bool = False) -> str:
+        """A new initializer: top-level, or ``local`` to the Scan body (small constants that shape
+        inference of the body alone must see, as ``quantize_dynamic`` infers the body on its own)."""
+        name = self.p + key
+        (self.body_tensors if local else self.tensors).append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def add(self, op: str, inputs: list[str], key: str, n_out: int = 1, nodes=None, **attrs) -> list[str]:
+        """A top-level node (or one appended to ``nodes``); returns its output names."""
+        outputs = [self.p + key] if n_out == 1 else [f"{self.p}{key}_{i}" for i in range(n_out)]
+        (self.nodes if nodes is None else nodes).append(
+            helper.make_node(op, inputs, outputs, name=self.p + key + "_node", **attrs))
+        return outputs
+
+    def body(self, op: str, inputs: list[str], key: str, n_out: int = 1, **attrs) -> list[str]:
+        """A node of the Scan body."""
+        return self.add(op, inputs, f"body_{key}", n_out, self.body_nodes, **attrs)
+
+    def shape_of(self, x: str) -> str:
+        """``Shape(x)``, built once per value."""
+        if x not in self._shapes:
+            self._shapes[x] = self.add("Shape", [x], f"shape_{len(self._shapes)}" if self._shapes else "shape_x")[0]
+        return self._shapes[x]
+
+    def zero_state(self, x: str, hidden: int) -> str:
+        """Zeros ``[B, hidden]``, ``B`` the (dynamic) axis 1 of the time-major ``x``."""
+        (batch,) = self.add("Gather", [self.shape_of(x), self.const("one_index", np.array([1], np.int64))], "batch",
+                            axis=0)
+        (shape_h,) = self.add("Concat", [batch, self.const("hidden", np.array([hidden], np.int64))], "shape_h", axis=0)
+        return self.add("ConstantOfShape", [shape_h], "h_zeros", value=numpy_helper.from_array(np.zeros(1, np.float32)))[0]
+
+    def scan(self, states: list[tuple[str, str, int]], inputs: list[tuple[str, str, int, int, int]],
+             new_states: list[str], outputs: list[tuple[str, int, int]]) -> tuple[list[str], list[str]]:
+        """Append the ``Scan`` node whose body is ``body_nodes`` (built beforehand) and return the
+        names of its final states and of its stacked outputs ``[T, B, width]``.
+
+        * ``states``: ``(initial value, name in the body, width)``, float ``[B, width]``;
+        * ``inputs``: ``(scanned value [T, B, width], one step's name in the body, element type,
+          width, direction)``, direction 1 = from the last step to the first (the same value may
+          be scanned twice, in both directions);
+        * ``new_states``: the body values that become the next states (in the order of ``states``);
+        * ``outputs``: ``(body value, width, direction)``, stacked along time."""
+        p = self.p
+        b_in = [helper.make_tensor_value_info(inner, TensorProto.FLOAT, [None, w]) for _, inner, w in states]
+        b_in += [helper.make_tensor_value_info(inner, elem, [None, w]) for _, inner, elem, w, _ in inputs]
+        b_out = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, w])
+                 for name, (_, _, w) in zip(new_states, states, strict=True)]
+        b_out += [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, w]) for name, w, _ in outputs]
+        body = helper.make_graph(self.body_nodes, f"{p}body", b_in, b_out, self.body_tensors)
+        finals = [f"{p}h_last_{i}" for i in range(len(states))]
+        ys = [f"{p}y_{i}" for i in range(len(outputs))]
+        self.nodes.append(helper.make_node(
+            "Scan", [s[0] for s in states] + [i[0] for i in inputs], finals + ys, name=p + "scan", body=body,
+            num_scan_inputs=len(inputs), scan_input_directions=[i[4] for i in inputs],
+            scan_output_directions=[o[2] for o in outputs]))
+        return finals, ys
+
+
+def gru_step(b: ScanBuilder, key: str, h: str, gx: str, split_zr_h: str, *, order: str,
+             recurrent: str | tuple[str, str], gh_bias: str | None = None, rb_h: str | None = None) -> str:
+    """Nodes of one GRU step in the Scan body of ``b``; returns the new state's name.
+
+    ``gx [B, 3H]``: the input projection of the step, gates ``order`` ``"zr"`` (ONNX: z, r, h)
+    or ``"rz"`` (PyTorch: r, z, n), candidate last.  ``recurrent``: the transposed recurrent
+    weight ``[H, 3H]`` (one MatMul, ``h~ = tanh(gx_h + r ⊙ (gh_h + rb_h))``: PyTorch's equations,
+    ONNX's ``linear_before_reset = 1``), its bias ``gh_bias [3H]`` added right after the MatMul
+    if given; or the pair ``(R_zr^T [H, 2H], R_h^T [H, H])`` for ``linear_before_reset = 0``
+    (``h~ = tanh(gx_h + (r ⊙ H) @ R_h^T)``).  ``split_zr_h``: the split sizes ``[2H, H]``
+    (a body-local constant).  Then ``H' = h~ + z ⊙ (H − h~)``."""
+    def add(op, ins, k, n_out=1, **kw):
+        return b.body(op, ins, f"{k}_{key}", n_out, **kw)
+
+    gx_zr, gx_h = add("Split", [gx, split_zr_h], "gx_split", 2, axis=1)
+    if isinstance(recurrent, str):  # one MatMul with R^T [H, 3H]
+        (gh,) = add("MatMul", [h, recurrent], "gh")
+        if gh_bias:
+            (gh,) = add("Add", [gh, gh_bias], "gh_bias")
+        gh_zr, gh_h = add("Split", [gh, split_zr_h], "gh_split", 2, axis=1)
+    else:  # z and r from H R_zr^T; the candidate from (r ⊙ H) R_h^T
+        (gh_zr,) = add("MatMul", [h, recurrent[0]], "gh_zr")
+    (zr,) = add("Add", [gx_zr, gh_zr], "zr_pre")
+    (zr,) = add("Sigmoid", [zr], "zr")
+    first, second = add("Split", [zr], "z_r", 2, axis=1)
+    z, r = (first, second) if order == "zr" else (second, first)
+    if isinstance(recurrent, str):
+        if rb_h:
+            (gh_h,) = add("Add", [gh_h, rb_h], "gh_h_bias")
+        (cand,) = add("Mul", [r, gh_h], "r_gh")
+    else:
+        (rh,) = add("Mul", [r, h], "r_h")
+        (cand,) = add("MatMul", [rh, recurrent[1]], "rh_R")
+    (cand,) = add("Add", [gx_h, cand], "cand_pre")
+    (cand,) = add("Tanh", [cand], "cand")
+    (diff,) = add("Sub", [h, cand], "h_minus_cand")
+    (zd,) = add("Mul", [z, diff], "z_diff")
+    return add("Add", [cand, zd], "h_new")[0]
+
+
+class _Lowering(ScanBuilder):
     """Builds the replacement of one GRU node: top-level nodes and initializers, and the Scan body."""
 
     def __init__(self, node: onnx.NodeProto, initializers: dict[str, np.ndarray], prefix: str) -> None:
-        self.node, self.p = node, prefix
-        self.nodes: list[onnx.NodeProto] = []
-        self.tensors: list[onnx.TensorProto] = []
-        self.body_tensors: list[onnx.TensorProto] = []
+        super().__init__(prefix)
+        self.node = node
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         for name, value in attrs.items():
             if name == "activations" and [v.decode() if isinstance(v, bytes) else v for v in value] not in (
@@ -112,20 +225,6 @@ class _Lowering:
         if len(self.directions) != self.D:
             raise ValueError(f"GRU {node.name!r}: direction {self.direction} with {self.D} weight sets")
 
-    # helpers -----------------------------------------------------------------------------------
-    def const(self, key: str, value: np.ndarray, local: bool = False) -> str:
-        """A new initializer: top-level, or ``local`` to the Scan body (small constants that shape
-        inference of the body alone must see, as ``quantize_dynamic`` infers the body on its own)."""
-        name = self.p + key
-        (self.body_tensors if local else self.tensors).append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def add(self, op: str, inputs: list[str], key: str, n_out: int = 1, nodes=None, **attrs) -> list[str]:
-        outputs = [self.p + key] if n_out == 1 else [f"{self.p}{key}_{i}" for i in range(n_out)]
-        (self.nodes if nodes is None else nodes).append(
-            helper.make_node(op, inputs, outputs, name=self.p + key + "_node", **attrs))
-        return outputs
-
     # the rewrite --------------------------------------------------------------------------------
     def build(self) -> list[onnx.NodeProto]:
         H, D, p = self.H, self.D, self.p
@@ -143,18 +242,14 @@ class _Lowering:
         (proj,) = self.add("Add", [proj, self.const("input_bias", np.concatenate(bias))], "input_projection_bias")
         gx = self.add("Split", [proj], "gx", n_out=D, axis=2) if D == 2 else [proj]
 
-        shape_x = self.add("Shape", [self.x], "shape_x")[0]
         if self.h0:
             h0 = [self.add("Gather", [self.h0, self.const(f"dir{d}", np.array(d, np.int64))], f"h0_{d}", axis=0)[0]
                   for d in range(D)]
         else:
-            (batch,) = self.add("Gather", [shape_x, self.const("one_index", np.array([1], np.int64))], "batch", axis=0)
-            (shape_h,) = self.add("Concat", [batch, self.const("hidden", np.array([H], np.int64))], "shape_h", axis=0)
-            (zeros,) = self.add("ConstantOfShape", [shape_h], "h_zeros",
-                                value=numpy_helper.from_array(np.zeros(1, np.float32)))
-            h0 = [zeros] * D
-        scan_inputs, scan_dirs = list(gx), [self.directions[d] for d in range(D)]
+            h0 = [self.zero_state(self.x, H)] * D
+        scan_inputs = [(gx[d], f"{p}gx_t_{d}", TensorProto.FLOAT, 3 * H, self.directions[d]) for d in range(D)]
         if self.lens:  # mask[t, b] = t < len[b]
+            shape_x = self.shape_of(self.x)
             (steps,) = self.add("Gather", [shape_x, self.const("zero_scalar", np.array(0, np.int64))], "steps", axis=0)
             (t,) = self.add("Range", [self.const("range_start", np.array(0, np.int64)), steps,
                                       self.const("range_step", np.array(1, np.int64))], "time_index")
@@ -162,61 +257,35 @@ class _Lowering:
             (lens,) = self.add("Cast", [self.lens], "lens64", to=TensorProto.INT64)
             (mask,) = self.add("Less", [t, lens], "mask2d")
             (mask,) = self.add("Unsqueeze", [mask, self.const("axis2", np.array([2], np.int64))], "mask")
-            scan_inputs += [mask] * D
-            scan_dirs += [self.directions[d] for d in range(D)]
+            scan_inputs += [(mask, f"{p}mask_t_{d}", TensorProto.BOOL, 1, self.directions[d]) for d in range(D)]
             zero = self.const("zero_float", np.array(0, np.float32), local=True)
 
         # the Scan body: states h_d, scan inputs gx_d (and mask_d), outputs h_d', y_d
-        body_nodes: list[onnx.NodeProto] = []
-        b_in = [helper.make_tensor_value_info(f"{p}h_{d}", TensorProto.FLOAT, [None, H]) for d in range(D)]
-        b_in += [helper.make_tensor_value_info(f"{p}gx_t_{d}", TensorProto.FLOAT, [None, 3 * H]) for d in range(D)]
-        if self.lens:
-            b_in += [helper.make_tensor_value_info(f"{p}mask_t_{d}", TensorProto.BOOL, [None, 1]) for d in range(D)]
         split_zr_h = self.const("split_zr_h", np.array([2 * H, H], np.int64), local=True)
-        b_states, b_outs = [], []
+        new_states, ys = [], []
         for d in range(D):
-            h, g = f"{p}h_{d}", f"{p}gx_t_{d}"
-
-            def add(op, ins, key, n_out=1, d=d, **kw):
-                return self.add(op, ins, f"body_{key}_{d}", n_out, body_nodes, **kw)
-
-            gx_zr, gx_h = add("Split", [g, split_zr_h], "gx_split", 2, axis=1)
-            if self.linear_before_reset:  # one MatMul with R^T [H, 3H]
-                (gh,) = add("MatMul", [h, self.const(f"R_T_{d}", np.ascontiguousarray(self.R[d].T))], "gh")
-                gh_zr, gh_h = add("Split", [gh, split_zr_h], "gh_split", 2, axis=1)
-            else:  # z and r from H R_zr^T; the candidate from (r ⊙ H) R_h^T
-                (gh_zr,) = add("MatMul", [h, self.const(f"R_zr_T_{d}", np.ascontiguousarray(self.R[d, :2 * H].T))], "gh_zr")
-            (zr,) = add("Add", [gx_zr, gh_zr], "zr_pre")
-            (zr,) = add("Sigmoid", [zr], "zr")
-            z, r = add("Split", [zr], "z_r", 2, axis=1)
+            h = f"{p}h_{d}"
             if self.linear_before_reset:
+                recurrent: str | tuple[str, str] = self.const(f"R_T_{d}", np.ascontiguousarray(self.R[d].T))
                 rb_h = self.Bias[d, 5 * H:]
-                if np.any(rb_h):
-                    (gh_h,) = add("Add", [gh_h, self.const(f"Rb_h_{d}", rb_h, local=True)], "gh_h_bias")
-                (cand,) = add("Mul", [r, gh_h], "r_gh")
+                rb_h_name = self.const(f"Rb_h_{d}", rb_h, local=True) if np.any(rb_h) else None
             else:
-                (rh,) = add("Mul", [r, h], "r_h")
-                (cand,) = add("MatMul", [rh, self.const(f"R_h_T_{d}", np.ascontiguousarray(self.R[d, 2 * H:].T))], "rh_R")
-            (cand,) = add("Add", [gx_h, cand], "cand_pre")
-            (cand,) = add("Tanh", [cand], "cand")
-            (diff,) = add("Sub", [h, cand], "h_minus_cand")
-            (zd,) = add("Mul", [z, diff], "z_diff")
-            (h_new,) = add("Add", [cand, zd], "h_new")
+                recurrent = (self.const(f"R_zr_T_{d}", np.ascontiguousarray(self.R[d, :2 * H].T)),
+                             self.const(f"R_h_T_{d}", np.ascontiguousarray(self.R[d, 2 * H:].T)))
+                rb_h_name = None
+            h_new = gru_step(self, str(d), h, f"{p}gx_t_{d}", split_zr_h, order="zr", recurrent=recurrent,
+                             rb_h=rb_h_name)
             if self.lens:
                 m = f"{p}mask_t_{d}"
-                (h_state,) = add("Where", [m, h_new, h], "h_state")
-                (y,) = add("Where", [m, h_new, zero], "y")
+                (h_state,) = self.body("Where", [m, h_new, h], f"h_state_{d}")
+                (y,) = self.body("Where", [m, h_new, zero], f"y_{d}")
             else:
                 h_state = h_new
-                (y,) = add("Identity", [h_new], "y")
-            b_states.append(helper.make_tensor_value_info(h_state, TensorProto.FLOAT, [None, H]))
-            b_outs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [None, H]))
-        body = helper.make_graph(body_nodes, f"{p}body", b_in, b_states + b_outs, self.body_tensors)
-        finals = [f"{p}h_last_{d}" for d in range(D)]
-        ys = [f"{p}y_{d}" for d in range(D)]
-        self.nodes.append(helper.make_node(
-            "Scan", h0 + scan_inputs, finals + ys, name=p + "scan", body=body, num_scan_inputs=len(scan_inputs),
-            scan_input_directions=scan_dirs, scan_output_directions=[self.directions[d] for d in range(D)]))
+                (y,) = self.body("Identity", [h_new], f"y_{d}")
+            new_states.append(h_state)
+            ys.append((y, H, self.directions[d]))
+        finals, ys = self.scan([(h0[d], f"{p}h_{d}", H) for d in range(D)], scan_inputs, new_states,
+                               [(y, H, direction) for y, _, direction in ys])
 
         outputs = list(self.node.output) + [""] * (2 - len(self.node.output))
         if outputs[0]:
