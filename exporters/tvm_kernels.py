@@ -20,19 +20,26 @@ csr and bsr r×c (CSR is BSR with a 1×1 block)
     Parallel over block rows ``i``; the data-dependent loop over the stored blocks
     ``j ∈ [indptr[i], indptr[i+1])`` is split over several independent accumulators, for
     ``y[b, i·r + ρ] = Σ_j Σ_γ values[j, ρ, γ] · x[b, indices[j]·c + γ]``.  The vector lanes run
-    over the ``r`` rows of a block (values stored ``[nnzb, c, r]``), its ``c`` columns (values
-    ``[nnzb, r, c]``, lanes summed at the end) or the batch (values ``[nnzb, r·c]``, ``x``
-    transposed inside the kernel): whichever gives the most lanes with the accumulators within
-    :data:`TILE_FLOATS` (ties: columns, then rows), see :func:`_sparse_vector_axis`.
+    over the ``r`` rows of a block (values stored ``[nnzb, c, r]``; from batch 2 ``x`` is
+    transposed inside the kernel, so that a block column's batch values share a cache line), its
+    ``c`` columns (values ``[nnzb, r, c]``, lanes summed at the end) or the batch (values
+    ``[nnzb, r·c]``, ``x`` transposed inside the kernel): whichever gives the most lanes with the
+    accumulators within :data:`TILE_FLOATS` (twice that for the rows, in two buffers, from batch
+    2; ties: columns, then rows), see :func:`_sparse_vector_axis`.  The stored values are read
+    once, as a stream, which one core's hardware prefetchers do not keep up with: every kernel
+    prefetches them :data:`PREFETCH_BYTES` ahead (:func:`_prefetch_values`).
 
 any row count (``batch=None``)
     One kernel for ``x[M, K]`` with a symbolic ``M`` (an int64 shape variable), so its code, compile
     time and size do not depend on ``M``: the rows are taken in tiles of :data:`ROW_TILE` by the
-    batch-16 schedules (dense: one batch pass; sparse: vectorized over the tile's rows), parallel
-    over (tile, row group) pairs; a partial last tile repeats row ``M - 1`` and stores only rows
-    below ``M``, full tiles take unguarded code.  The sparse kernel transposes ``x`` a few tiles
-    at a time (:data:`DYN_X_BYTES`).  At M = 800, 1760², one core, a row costs what it costs in
-    the static batch-16 kernel to within about 10 % (dense fp32 and bsr16×1 fp32 / int8).
+    batch-16 schedules (dense: one batch pass; sparse: vectorized over a block's rows where the
+    static batch-16 kernel is, as for r×1 blocks, else over the tile's rows), parallel over
+    (tile, row group) pairs; a partial last tile repeats row ``M - 1`` and stores only rows
+    below ``M`` (dense and the tile's rows: full tiles take unguarded code).  The sparse kernels
+    transpose ``x`` a few tiles at a time (:data:`DYN_X_BYTES`).  At M = 800, 1760², one core, a
+    row costs what it costs in the static batch-16 kernel to within about 10 % (dense fp32,
+    bsr16×1 int8: 4.3 against 3.9 µs) or less (bsr16×1 fp32: 4.7 against 6.9 µs, the weight
+    staying in cache from tile to tile).
 
 Edges a block does not divide are zeros inside stored blocks: ``x`` is zero-padded to
 ``⌈K/c⌉·c`` columns inside the kernel when ``K % c != 0``, and the last block row stores only
@@ -55,6 +62,7 @@ module for :func:`host_target`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,12 +85,26 @@ FMAS_IN_FLIGHT = 8
 #: faster (650 against 1150 µs at batch 16, 1760²) than two passes of 8 over the row group.
 DENSE_BATCH_PASS = 16
 #: Rows of ``x`` one tile of a kernel of any row count (``batch=None``) takes: the batch-16
-#: schedules (dense: one pass of :data:`DENSE_BATCH_PASS`; sparse: vectorized over the tile's rows).
+#: schedules (dense: one pass of :data:`DENSE_BATCH_PASS`; sparse: vectorized over a block's rows
+#: or over the tile's rows).
 ROW_TILE = 16
+#: Bytes of one cache line (x86-64, and the aarch64 cores this project targets).
+CACHE_LINE = 64
+#: How far ahead of the stored blocks being multiplied a sparse kernel prefetches the stored
+#: values, into L2 (the hardware prefetchers alone do not keep one core's stream going).  Measured
+#: at 1760², 90 %, bsr16×1, batch 1, one core, cold: 0.077 → 0.062 ms fp32, 0.030 → 0.023 int8
+#: (the same from 2 to 16 KiB ahead; 1 KiB: 0.069 / 0.026); a cold read of the 1.2 MB of fp32
+#: values alone takes 0.069 ms, 0.052 with these prefetches.
+PREFETCH_BYTES = 4096
+#: How many stored blocks ahead a sparse kernel vectorized over a block's rows prefetches, into
+#: L1, the transposed ``x`` row of a block at batch ≥ 2.  Measured at 1760², bsr16×1, batch 16,
+#: cold: 0.128 → 0.114 ms fp32, 0.077 → 0.070 int8 (4 blocks ahead: 0.119 / 0.071).
+X_PREFETCH_BLOCKS = 16
 #: Bytes of transposed ``x`` a sparse kernel of any row count keeps: it takes the tiles in passes
 #: of as many as fit (4 at K = 1760), each pass parallel over (tile, block row) pairs.  Measured at
-#: M = 800, 1760², bsr16×1: passes of 1, 4 and all tiles cost 4.6, 4.8 and 5.0 µs a row on one
-#: core, 3.4, 2.4 and 3.0 on two (the static batch-16 kernel: 4.3 and 4.5).
+#: M = 800, 1760², bsr16×1 vectorized over the tile's rows: passes of 1, 4 and all tiles cost 4.6,
+#: 4.8 and 5.0 µs a row on one core, 3.4, 2.4 and 3.0 on two (the static batch-16 kernel: 4.3
+#: and 4.5); vectorized over a block's rows, one core: 4.9, 4.5, 4.8 fp32 and 4.3, 4.3, 4.8 int8.
 DYN_X_BYTES = 512 * 1024
 
 _INDEX_TAG = {"uint8": "u8", "uint16": "u16", "int32": "i32", "int64": "i64"}
@@ -215,6 +237,67 @@ def _largest_divisor(n: int, limit: int) -> int:
     """The largest divisor of ``n`` not above ``limit`` (at least 1)."""
     return max(d for d in range(1, n + 1) if n % d == 0 and (d <= limit or d == 1))
 
+
+def _prefetch(load: tvm.tirx.BufferLoad, locality: int) -> tvm.tirx.PrimExpr:
+    """Software prefetch, for reading, of the cache line holding ``load``'s element
+    (``tirx.prefetch``: ``prefetcht0`` / ``prefetcht1`` on x86 for locality 3 / 2, ``prfm`` on
+    aarch64); it never faults, but its index is kept in bounds all the same."""
+    return tvm.tirx.call_intrin("void", "tirx.prefetch", tvm.tirx.address_of(load), 0, locality, 1)
+
+
+def _itemsize(dtype: str) -> int:
+    """Bytes of one element of type ``dtype``."""
+    return tvm.DataType(dtype).bits // 8
+
+
+@T.macro
+def _prefetch_values(values, start, count, total):
+    """Prefetch into L2 the elements of ``values`` (flat, ``total`` long) :data:`PREFETCH_BYTES`
+    ahead of the ``count`` from ``start`` about to be multiplied, one prefetch a cache line.
+    Called once per group of stored blocks, consecutive groups prefetch consecutive lines."""
+    for line in T.unroll(math.ceil(count * _itemsize(values.dtype) / CACHE_LINE)):
+        T.evaluate(_prefetch(values[T.min(start + (PREFETCH_BYTES + line * CACHE_LINE) // _itemsize(values.dtype),
+                                          total - 1)], 2))
+
+
+@T.macro
+def _transpose_x(x, xt, B, K, KP, t):
+    """``xt[k, b] = x[b, k]`` for ``x[B, K]``, zero rows of ``xt[KP, B]`` from ``K``: square tiles
+    of ``t`` (a divisor of ``B``; 4: four 4-float loads and stores, about a dozen shuffles),
+    parallel over column tiles, the last columns one by one.  At B = 16, K = 1760, 4 × 4 tiles:
+    4 µs against 7.5 for one vector of ``B`` gathered per column (tiles of 8 × 8 or 16 × 16 are
+    worse: LLVM lowers 8- and 16-way transposes to element inserts).  :func:`_sparse_batch_kernel`
+    keeps the gathered columns: with this transpose LLVM vectorizes its int8 CSR loop
+    differently, 0.23 → 0.32 ms at batch 16."""
+    for ko in T.parallel(K // t):
+        for bo in T.unroll(B // t):
+            tile = T.decl_buffer((t, t), "float32")
+            for b in T.unroll(t):
+                for kk in T.vectorized(t):
+                    tile[b, kk] = x[bo * t + b, ko * t + kk]
+            for kk in T.unroll(t):
+                for b in T.vectorized(t):
+                    xt[ko * t + kk, bo * t + b] = tile[b, kk]
+    for kk in range(K // t * t, KP):
+        for b in T.vectorized(B):
+            xt[kk, b] = T.if_then_else(kk < K, x[b, T.min(kk, K - 1)], T.float32(0))
+
+
+@T.macro
+def _transpose_row_tiles(x, xt, m, tile0, count, K, KP):
+    """``xt[g, k, b] = x[(tile0 + g)·BT + b, k]`` for the ``count`` tiles of ``BT`` =
+    :data:`ROW_TILE` rows of ``x[m, K]`` from tile ``tile0``, parallel over (tile, column)
+    pairs; rows from ``m`` repeat row ``m - 1``, columns from ``K`` (to ``KP``) are zeros."""
+    for gk in T.parallel(count * KP):
+        row0 = T.bind((tile0 + gk // KP) * ROW_TILE)
+        if row0 + ROW_TILE <= m:
+            for b in T.vectorized(ROW_TILE):
+                xt[gk // KP, gk % KP, b] = T.if_then_else(
+                    gk % KP < K, x[row0 + b, T.min(gk % KP, K - 1)], T.float32(0))
+        else:
+            for b in T.vectorized(ROW_TILE):
+                xt[gk // KP, gk % KP, b] = T.if_then_else(
+                    gk % KP < K, x[T.min(row0 + b, m - 1), T.min(gk % KP, K - 1)], T.float32(0))
 
 # --------------------------------------------------------------------------------------- dense
 
@@ -370,8 +453,8 @@ def _sparse_call(weight: PackedWeight, n: int, k: int, batch: int | None) -> _Bu
     scaled = weight.dtype == "int8"
     types = (str(values.dtype), indices.dtype.name, indptr.dtype.name, scaled)
     if batch is None:
-        axis = "batch"
-        func = _sparse_batch_dyn_kernel(n, k, r, c, *types)
+        axis = "rows" if _sparse_vector_axis(r, c, ROW_TILE) == "rows" else "batch"
+        func = {"rows": _sparse_rows_dyn_kernel, "batch": _sparse_batch_dyn_kernel}[axis](n, k, r, c, *types)
     else:
         axis = _sparse_vector_axis(r, c, batch)
         build = {"rows": _sparse_rows_kernel, "cols": _sparse_cols_kernel, "batch": _sparse_batch_kernel}[axis]
@@ -389,25 +472,40 @@ def _sparse_call(weight: PackedWeight, n: int, k: int, batch: int | None) -> _Bu
 def _sparse_vector_axis(r: int, c: int, batch: int) -> str:
     """The axis a sparse kernel vectorizes: ``"rows"`` (the ``r`` rows of a block), ``"cols"``
     (its ``c`` columns) or ``"batch"`` (``batch >= 2``): the most lanes (up to :data:`LANES`)
-    among the kernels whose accumulators fit :data:`TILE_FLOATS` (the batch kernel takes a
-    block's rows a few at a time to fit); ties prefer columns (when ``c > 1``), then rows, then the
-    batch.  Measured at 1760×1760, one core: 16×1 → rows at batch 1 and 4, batch at 16; 1×16 →
-    cols, batch at 16; 4×4 → cols, batch at 16; 8×8 → cols at batch 1, rows at 4, batch at 16;
-    CSR → batch from batch 2."""
-    # (lanes, tie preference, axis, accumulator floats of one set)
-    candidates = [(min(c, LANES), 2 if c > 1 else 0, "cols", batch * r * c), (min(r, LANES), 1, "rows", batch * r)]
+    among the kernels whose accumulators fit :data:`TILE_FLOATS` (the rows kernel's twice that
+    from batch 2, in two buffers; the batch kernel takes a block's rows a few at a time to fit);
+    ties prefer columns (when ``c > 1``), then rows, then the batch.  Measured at 1760×1760, one
+    core: 16×1 → rows at batch 1, 4 and 16; 1×16 → cols, batch at 16; 4×4 → cols, batch at 16;
+    8×8 → cols at batch 1, rows at 4, batch at 16; CSR → batch from batch 2."""
+    rows_floats = TILE_FLOATS if batch == 1 else 2 * TILE_FLOATS
+    # (lanes, tie preference, axis, whether its accumulators fit)
+    candidates = [(min(c, LANES), 2 if c > 1 else 0, "cols", batch * r * c <= TILE_FLOATS),
+                  (min(r, LANES), 1, "rows", batch * r <= rows_floats)]
     if batch >= 2:
-        candidates.append((min(batch, LANES), -1, "batch", 0))
-    fitting = [(lanes, preference, axis) for lanes, preference, axis, floats in candidates if floats <= TILE_FLOATS]
-    return max(fitting)[2] if fitting else ("rows" if batch == 1 else "batch")
+        candidates.append((min(batch, LANES), -1, "batch", True))
+    fitting = [(lanes, preference, axis) for lanes, preference, axis, fits in candidates if fits]
+    return max(fitting)[2] if fitting else "rows"
 
 
 def _sparse_rows_kernel(N: int, K: int, R: int, C: int, B: int, wdtype: str, itype: str, ptype: str,
                         scaled: bool) -> tvm.tirx.PrimFunc:
-    """Vectorized over the ``R`` rows of a block (values ``[nnzb, C, R]``), ``C`` and ``B``
-    unrolled, ``x[b, indices[j]·C + γ]`` broadcast; ``U`` accumulators over the stored blocks."""
+    """Vectorized over the ``R`` rows of a block (values ``[nnzb, C, R]``, each converted to fp32
+    once), ``C`` and ``B`` unrolled, ``U`` accumulators over the stored blocks:
+    ``acc[u, b, 0:R] += values[j, γ, 0:R] · xt[indices[j]·C + γ, b]`` with ``xt[k, b] = x[b, k]``
+    (zero-padded to ``⌈K/C⌉·C``) broadcast from memory.  The blocks are taken ``G`` at a time (a
+    multiple of ``U`` whose values span a cache line: 4 blocks for int8 16×1 at ``U = 1``), each
+    step prefetching its values :data:`PREFETCH_BYTES` ahead.  At batch 1 ``xt`` is ``x`` itself
+    (copied only to pad); a larger batch is transposed once per call (:func:`_transpose_x`), so
+    that the ``B`` values of a block column share a cache line where ``x[:, k]`` spans ``B``, and
+    the ``xt`` line of the block :data:`X_PREFETCH_BLOCKS` ahead is prefetched into L1 (``xt``
+    outgrows L1: 110 KiB at 16 × 1760).  Accumulators over :data:`TILE_FLOATS` (up to twice that,
+    with ``U = 1``: 16 × 16 floats for bsr16×1 at batch 16, 16 AVX-512 registers) are two stack
+    buffers, for the batch rows below and from ``B0``.  Measured at 1760², 90 %, bsr16×1, batch
+    16, one core, cold: 0.11 / 0.063 ms fp32 / int8 against 0.17 / 0.125 for
+    :func:`_sparse_batch_kernel` (two passes of 8 rows; its int8 values take one shuffle per row
+    to broadcast) and 0.13 / 0.079 with the batch in two passes of 8 here."""
     NB, KP = math.ceil(N / R), math.ceil(K / C) * C
-    U = _accumulators(B * math.ceil(R / LANES), B * R)
+    block_row = _rows_block_row(N, R, C, B, wdtype, scaled)
 
     @T.prim_func
     def kernel(x: T.Buffer((B, K), "float32"), data_h: T.handle, indices_h: T.handle,
@@ -417,61 +515,112 @@ def _sparse_rows_kernel(N: int, K: int, R: int, C: int, B: int, wdtype: str, ity
         nnzb = T.int32()
         data = T.match_buffer(data_h, (nnzb, C, R), wdtype)
         indices = T.match_buffer(indices_h, (nnzb,), itype)
-        if KP != K:
-            xs = T.decl_buffer((B, KP), "float32")
-            for b in range(B):
-                for kk in range(K):
-                    xs[b, kk] = x[b, kk]
-                for kk in range(K, KP):
-                    xs[b, kk] = T.float32(0)
+        if B > 1 or KP != K:
+            xt = T.decl_buffer((KP, B), "float32")
+            _transpose_x(x, xt, B, K, KP, math.gcd(B, 4))
         else:
-            xs = x
+            xt = T.decl_buffer((KP, B), "float32", data=x.data)
         for i in T.parallel(NB):
-            lo = T.bind(T.Cast("int32", indptr[i]))
-            hi = T.bind(T.Cast("int32", indptr[i + 1]))
-            acc = T.decl_buffer((U, B, R), "float32")
-            for u in T.unroll(U):
-                for b in T.unroll(B):
-                    for rr in T.vectorized(R):
-                        acc[u, b, rr] = T.float32(0)
-            for jo in range((hi - lo) // U):
-                for u in T.unroll(U):
-                    for cc in T.unroll(C):
-                        for b in T.unroll(B):
-                            for rr in T.vectorized(R):
-                                acc[u, b, rr] = acc[u, b, rr] + T.Cast("float32", data[lo + jo * U + u, cc, rr]) * xs[
-                                    b, T.Cast("int32", indices[lo + jo * U + u]) * C + cc]
-            for jr in range(lo + (hi - lo) // U * U, hi):
-                for cc in T.unroll(C):
-                    for b in T.unroll(B):
-                        for rr in T.vectorized(R):
-                            acc[0, b, rr] = acc[0, b, rr] + T.Cast("float32", data[jr, cc, rr]) * xs[
-                                b, T.Cast("int32", indices[jr]) * C + cc]
-            for u in T.unroll(U - 1):
-                for b in T.unroll(B):
-                    for rr in T.vectorized(R):
-                        acc[0, b, rr] = acc[0, b, rr] + acc[u + 1, b, rr]
-            if scaled:
-                for b in T.unroll(B):
-                    for rr in T.vectorized(R):
-                        acc[0, b, rr] = acc[0, b, rr] * scale[i * R + rr]
-            if i * R + R <= N:
-                for b in T.unroll(B):
-                    for rr in T.vectorized(R):
-                        y[b, i * R + rr] = acc[0, b, rr]
-            else:
-                for b, rr in T.grid(B, R):
-                    if i * R + rr < N:
-                        y[b, i * R + rr] = acc[0, b, rr]
+            block_row(data, indices, indptr, nnzb, xt, y, scale, i, 0, B)
 
     return kernel if scaled else _without_param(kernel, "scale")
+
+
+def _rows_block_row(N: int, R: int, C: int, B: int, wdtype: str, scaled: bool) -> Callable:
+    """The macro ``block_row(data, indices, indptr, nnzb, xt, y, scale, i, row0, rows)`` of
+    :func:`_sparse_rows_kernel`: block row ``i`` against the ``B`` columns of ``xt[KP, B]``
+    (``x`` rows ``row0 …``), storing ``y[row0 + b, i·R …]`` for ``b < rows`` only (``rows`` a
+    Python int: ``B`` stores all, unguarded)."""
+    U = _accumulators(B * math.ceil(R / LANES), B * R)
+    B0 = B if U * B * R <= TILE_FLOATS else math.ceil(B / 2)
+    B1 = B - B0
+    G = U * max(1, CACHE_LINE // (U * R * C * _itemsize(wdtype)))
+    x_lines = math.ceil(C * B * 4 / CACHE_LINE)
+
+    @T.macro
+    def on_halves(stmt, acc0, acc1, *args):  # stmt(acc, first batch row, batch rows, *args)
+        stmt(acc0, 0, B0, *args)
+        if B1 > 0:
+            stmt(acc1, B0, B1, *args)
+
+    @T.macro
+    def zero(acc, b0, nb):
+        for u in T.unroll(U):
+            for b in T.unroll(nb):
+                for rr in T.vectorized(R):
+                    acc[u, b, rr] = T.float32(0)
+
+    @T.macro
+    def multiply_add(acc, b0, nb, u, w, xt, k):
+        for b in T.unroll(nb):
+            for rr in T.vectorized(R):
+                acc[u, b, rr] = acc[u, b, rr] + w[rr] * xt[k, b0 + b]
+
+    @T.macro
+    def store(acc, b0, nb, y, scale, i, row0, rows):
+        for u in T.unroll(U - 1):
+            for b in T.unroll(nb):
+                for rr in T.vectorized(R):
+                    acc[0, b, rr] = acc[0, b, rr] + acc[u + 1, b, rr]
+        if scaled:
+            for b in T.unroll(nb):
+                for rr in T.vectorized(R):
+                    acc[0, b, rr] = acc[0, b, rr] * scale[i * R + rr]
+        for b in T.unroll(nb):
+            if b0 + b < rows:
+                if i * R + R <= N:
+                    for rr in T.vectorized(R):
+                        y[row0 + b0 + b, i * R + rr] = acc[0, b, rr]
+                else:
+                    for rr in T.serial(R):
+                        if i * R + rr < N:
+                            y[row0 + b0 + b, i * R + rr] = acc[0, b, rr]
+
+    @T.macro
+    def prefetch_x(xt_flat, indices, j, nnzb):
+        for line in T.unroll(x_lines):
+            T.evaluate(_prefetch(xt_flat[T.Cast("int32", indices[T.min(j + X_PREFETCH_BLOCKS, nnzb - 1)]) * (C * B)
+                                         + line * (CACHE_LINE // 4)], 3))
+
+    @T.macro
+    def block(acc0, acc1, u, j, data, indices, xt):
+        for cc in T.unroll(C):
+            w = T.decl_buffer((R,), "float32")
+            for rr in T.vectorized(R):
+                w[rr] = T.Cast("float32", data[j, cc, rr])
+            on_halves(multiply_add, acc0, acc1, u, w, xt, T.Cast("int32", indices[j]) * C + cc)
+
+    @T.macro
+    def block_row(data, indices, indptr, nnzb, xt, y, scale, i, row0, rows):
+        lo = T.bind(T.Cast("int32", indptr[i]))
+        hi = T.bind(T.Cast("int32", indptr[i + 1]))
+        values = T.decl_buffer((nnzb * C * R,), wdtype, data=data.data)
+        xt_flat = T.decl_buffer((xt.shape[0] * B,), "float32", data=xt.data, elem_offset=xt.elem_offset)
+        acc0 = T.decl_buffer((U, B0, R), "float32")
+        if B1 > 0:
+            acc1 = T.decl_buffer((U, B1, R), "float32")
+        else:
+            acc1 = acc0  # not used
+        on_halves(zero, acc0, acc1)
+        for jo in range((hi - lo) // G):
+            _prefetch_values(values, (lo + jo * G) * (C * R), G * C * R, nnzb * C * R)
+            for g in T.unroll(G):
+                if B > 1:
+                    prefetch_x(xt_flat, indices, lo + jo * G + g, nnzb)
+                block(acc0, acc1, g % U, lo + jo * G + g, data, indices, xt)
+        for jr in range(lo + (hi - lo) // G * G, hi):
+            block(acc0, acc1, 0, jr, data, indices, xt)
+        on_halves(store, acc0, acc1, y, scale, i, row0, rows)
+
+    return block_row
 
 
 def _sparse_cols_kernel(N: int, K: int, R: int, C: int, B: int, wdtype: str, itype: str, ptype: str,
                         scaled: bool) -> tvm.tirx.PrimFunc:
     """Vectorized over the ``C`` columns of a block (values ``[nnzb, R, C]``) against the
     contiguous ``x[b, indices[j]·C : +C]``, ``R`` and ``B`` unrolled, ``U`` accumulators over the
-    stored blocks; the ``C`` lanes of each row are summed at the end."""
+    stored blocks (values prefetched, :func:`_prefetch_values`); the ``C`` lanes of each row are
+    summed at the end."""
     NB, KP = math.ceil(N / R), math.ceil(K / C) * C
     U = _accumulators(B * R * math.ceil(C / LANES), B * R * C)
 
@@ -483,6 +632,7 @@ def _sparse_cols_kernel(N: int, K: int, R: int, C: int, B: int, wdtype: str, ity
         nnzb = T.int32()
         data = T.match_buffer(data_h, (nnzb, R, C), wdtype)
         indices = T.match_buffer(indices_h, (nnzb,), itype)
+        values = T.decl_buffer((nnzb * R * C,), wdtype, data=data.data)
         if KP != K:
             xs = T.decl_buffer((B, KP), "float32")
             for b in range(B):
@@ -502,6 +652,7 @@ def _sparse_cols_kernel(N: int, K: int, R: int, C: int, B: int, wdtype: str, ity
                         for cc in T.vectorized(C):
                             acc[u, b, rr, cc] = T.float32(0)
             for jo in range((hi - lo) // U):
+                _prefetch_values(values, (lo + jo * U) * (R * C), U * R * C, nnzb * R * C)
                 for u in T.unroll(U):
                     for b in T.unroll(B):
                         for rr in T.unroll(R):
@@ -539,7 +690,8 @@ def _sparse_batch_kernel(N: int, K: int, R: int, C: int, B: int, wdtype: str, it
     ``xt[k, b]`` once per call, then ``acc[ρ, 0:B] += values[j, ρ·C + γ] · xt[indices[j]·C + γ, 0:B]``
     with ``C`` unrolled and ``U`` accumulators over the stored blocks.  A block's ``R`` rows are
     taken ``RS`` at a time (one pass over the stored blocks each) to keep the accumulators within
-    :data:`TILE_FLOATS`; the ``RS·C`` values of a step are converted to fp32 as one vector."""
+    :data:`TILE_FLOATS`; the ``RS·C`` values of a step are converted to fp32 as one vector, and
+    the first pass prefetches the values (:func:`_prefetch_values`)."""
     NB, KP = math.ceil(N / R), math.ceil(K / C) * C
     RS = _largest_divisor(R, TILE_FLOATS // B)
     U = _accumulators(RS * math.ceil(B / LANES), RS * B)
@@ -552,6 +704,7 @@ def _sparse_batch_kernel(N: int, K: int, R: int, C: int, B: int, wdtype: str, it
         nnzb = T.int32()
         data = T.match_buffer(data_h, (nnzb, R * C), wdtype)
         indices = T.match_buffer(indices_h, (nnzb,), itype)
+        values = T.decl_buffer((nnzb * R * C,), wdtype, data=data.data)
         xt = T.decl_buffer((KP, B), "float32")
         for kk in T.parallel(KP):
             for b in T.vectorized(B):
@@ -566,6 +719,8 @@ def _sparse_batch_kernel(N: int, K: int, R: int, C: int, B: int, wdtype: str, it
                         for b in T.vectorized(B):
                             acc[u, rr, b] = T.float32(0)
                 for jo in range((hi - lo) // U):
+                    if h == 0:
+                        _prefetch_values(values, (lo + jo * U) * (R * C), U * R * C, nnzb * R * C)
                     for u in T.unroll(U):
                         w = T.decl_buffer((RS * C,), "float32")
                         for t in T.vectorized(RS * C):
@@ -619,21 +774,13 @@ def _sparse_batch_dyn_kernel(N: int, K: int, R: int, C: int, wdtype: str, itype:
         y = T.match_buffer(y_h, (M, N), "float32")
         data = T.match_buffer(data_h, (nnzb, R * C), wdtype)
         indices = T.match_buffer(indices_h, (nnzb,), itype)
+        values = T.decl_buffer((nnzb * R * C,), wdtype, data=data.data)
         m = T.bind(T.Cast("int32", M))
         tiles = T.bind((m + BT - 1) // BT)
         xt = T.decl_buffer((G, KP, BT), "float32")
         for ps in range((tiles + G - 1) // G):
             count = T.bind(T.min(G, tiles - ps * G))
-            for gk in T.parallel(count * KP):
-                row0 = T.bind((ps * G + gk // KP) * BT)
-                if row0 + BT <= m:
-                    for b in T.vectorized(BT):
-                        xt[gk // KP, gk % KP, b] = T.if_then_else(
-                            gk % KP < K, x[row0 + b, T.min(gk % KP, K - 1)], T.float32(0))
-                else:
-                    for b in T.vectorized(BT):
-                        xt[gk // KP, gk % KP, b] = T.if_then_else(
-                            gk % KP < K, x[T.min(row0 + b, m - 1), T.min(gk % KP, K - 1)], T.float32(0))
+            _transpose_row_tiles(x, xt, m, ps * G, count, K, KP)
             for p in T.parallel(count * NB):
                 g = T.bind(p // NB)
                 i = T.bind(p % NB)
@@ -647,6 +794,8 @@ def _sparse_batch_dyn_kernel(N: int, K: int, R: int, C: int, wdtype: str, itype:
                             for b in T.vectorized(BT):
                                 acc[u, rr, b] = T.float32(0)
                     for jo in range((hi - lo) // U):
+                        if h == 0:
+                            _prefetch_values(values, (lo + jo * U) * (R * C), U * R * C, nnzb * R * C)
                         for u in T.unroll(U):
                             w = T.decl_buffer((RS * C,), "float32")
                             for q in T.vectorized(RS * C):
@@ -680,5 +829,43 @@ def _sparse_batch_dyn_kernel(N: int, K: int, R: int, C: int, wdtype: str, itype:
                                 for b in T.serial(BT):
                                     if row0 + b < m:
                                         y[row0 + b, i * R + h * RS + rr] = acc[0, rr, b]
+
+    return kernel if scaled else _without_param(kernel, "scale")
+
+
+def _sparse_rows_dyn_kernel(N: int, K: int, R: int, C: int, wdtype: str, itype: str, ptype: str,
+                            scaled: bool) -> tvm.tirx.PrimFunc:
+    """:func:`_sparse_rows_kernel` for any row count ``M``: the tiles of ``BT`` = :data:`ROW_TILE`
+    rows are transposed ``G`` a pass as in :func:`_sparse_batch_dyn_kernel`, then each (tile,
+    block row) pair, in parallel, is a block row of the batch-``BT`` schedule storing only rows
+    below ``M``.  Measured at M = 800, 1760², 90 %, bsr16×1, one core, cold: 4.7 / 4.3 µs a row
+    fp32 / int8, against 5.5 / 7.6 vectorized over the tile's rows
+    (:func:`_sparse_batch_dyn_kernel`)."""
+    BT = ROW_TILE
+    NB, KP = math.ceil(N / R), math.ceil(K / C) * C
+    G = max(1, DYN_X_BYTES // (KP * BT * 4))
+    block_row = _rows_block_row(N, R, C, BT, wdtype, scaled)
+
+    @T.prim_func
+    def kernel(x_h: T.handle, data_h: T.handle, indices_h: T.handle,
+               indptr: T.Buffer((NB + 1,), ptype), scale: T.Buffer((NB * R,), "float32"), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        M = T.int64()
+        nnzb = T.int32()
+        x = T.match_buffer(x_h, (M, K), "float32")
+        y = T.match_buffer(y_h, (M, N), "float32")
+        data = T.match_buffer(data_h, (nnzb, C, R), wdtype)
+        indices = T.match_buffer(indices_h, (nnzb,), itype)
+        m = T.bind(T.Cast("int32", M))
+        tiles = T.bind((m + BT - 1) // BT)
+        xt = T.decl_buffer((G, KP, BT), "float32")
+        for ps in range((tiles + G - 1) // G):
+            count = T.bind(T.min(G, tiles - ps * G))
+            _transpose_row_tiles(x, xt, m, ps * G, count, K, KP)
+            for p in T.parallel(count * NB):
+                g = T.bind(p // NB)
+                row0 = T.bind((ps * G + g) * BT)
+                xg = T.decl_buffer((KP, BT), "float32", data=xt.data, elem_offset=g * (KP * BT))
+                block_row(data, indices, indptr, nnzb, xg, y, scale, p % NB, row0, T.min(BT, m - row0))
 
     return kernel if scaled else _without_param(kernel, "scale")

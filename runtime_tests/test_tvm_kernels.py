@@ -78,7 +78,8 @@ def test_any_row_count_kernel_matches_dense_reference(fmt, block, dtype):
         _ = call.bytes_moved
 
 
-@pytest.mark.parametrize("fmt,block", [("csr", BlockShape()), ("bsr", BlockShape(3, 5))], ids=["csr", "bsr3x5"])
+@pytest.mark.parametrize("fmt,block", [("csr", BlockShape()), ("bsr", BlockShape(3, 5)), ("bsr", BlockShape(16, 1))],
+                         ids=["csr", "bsr3x5", "bsr16x1"])
 def test_any_row_count_sparse_kernel_in_several_passes(fmt, block):
     """At K = 4100 one tile of transposed ``x`` fills DYN_X_BYTES: 40 rows take three passes."""
     packed = pack(pruned_weight((20, 4100), block, seed=12), fmt, block, "int8")
@@ -96,6 +97,19 @@ def test_batches_above_one_vector(fmt, block, batch):
     packed = pack(pruned_weight(SHAPE, block, seed=8), fmt, block, "int8")
     x = np.random.default_rng(9).standard_normal((batch, SHAPE[1])).astype(np.float32)
     assert relative_error(run_kernel(matmul_kernel(packed, batch), x), x @ packed.to_dense().T) < RTOL
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("block,batch", [(BlockShape(16, 1), 13), (BlockShape(8, 8), 6)],
+                         ids=["bsr16x1-b13", "bsr8x8-b6"])
+def test_rows_kernel_at_uneven_batches(block, batch, dtype):
+    """Vectorized over a block's rows with ``x`` transposed: accumulators split 7 + 6 batch rows
+    (16×1 at 13, ``x`` transposed in 1×1 tiles) or one buffer with 2×2 tiles (8×8 at 6)."""
+    packed = pack(pruned_weight(SHAPE, block, seed=10), "bsr", block, dtype)
+    call = matmul_kernel(packed, batch)
+    assert "_rows_" in call.name
+    x = np.random.default_rng(11).standard_normal((batch, SHAPE[1])).astype(np.float32)
+    assert relative_error(run_kernel(call, x), x @ packed.to_dense().T) < RTOL
 
 
 @pytest.mark.parametrize("batch", [1, 4])
