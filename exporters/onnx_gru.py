@@ -79,6 +79,17 @@ def _all_names(graph: onnx.GraphProto, names: set[str]) -> set[str]:
     return names
 
 
+def unique_prefix(base: str, tag: str, taken: set[str]) -> str:
+    """``"<base>__<tag>/"`` (``/`` in ``base`` made ``_``), numbered if a name in ``taken`` already
+    starts with it: the namespace of the nodes and tensors that replace one node."""
+    base = base.strip("/").replace("/", "_")
+    prefix, k = f"{base}__{tag}/", 0
+    while any(name.startswith(prefix) for name in taken):
+        k += 1
+        prefix = f"{base}__{tag}{k}/"
+    return prefix
+
+
 class ScanBuilder:
     """The nodes and initializers that replace one recurrent node: top-level ones (``nodes``,
     ``tensors``) and the body of its ``Scan`` (``body_nodes``, ``body_tensors``); every name
@@ -122,7 +133,8 @@ class ScanBuilder:
         (batch,) = self.add("Gather", [self.shape_of(x), self.const("one_index", np.array([1], np.int64))], "batch",
                             axis=0)
         (shape_h,) = self.add("Concat", [batch, self.const("hidden", np.array([hidden], np.int64))], "shape_h", axis=0)
-        return self.add("ConstantOfShape", [shape_h], "h_zeros", value=numpy_helper.from_array(np.zeros(1, np.float32)))[0]
+        zero = numpy_helper.from_array(np.zeros(1, np.float32))
+        return self.add("ConstantOfShape", [shape_h], "h_zeros", value=zero)[0]
 
     def scan(self, states: list[tuple[str, str, int]], inputs: list[tuple[str, str, int, int, int]],
              new_states: list[str], outputs: list[tuple[str, int, int]]) -> tuple[list[str], list[str]]:
@@ -316,11 +328,7 @@ def lower_gru(model: onnx.ModelProto, check: bool = True) -> onnx.ModelProto:
         if node.op_type != "GRU" or node.domain not in ("", "ai.onnx"):
             new_nodes.append(node)
             continue
-        base = (node.name or f"GRU_{i}").strip("/").replace("/", "_")
-        prefix, k = f"{base}__lowered/", 0
-        while any(name.startswith(prefix) for name in taken):
-            k += 1
-            prefix = f"{base}__lowered{k}/"
+        prefix = unique_prefix(node.name or f"GRU_{i}", "lowered", taken)
         lowering = _Lowering(node, initializers, prefix)
         new_nodes += lowering.build()
         new_tensors += lowering.tensors

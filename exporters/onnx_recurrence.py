@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from compressor.zoo.ds2 import SharedInputBiRecurrent
-from exporters.onnx_gru import ScanBuilder, _all_names, _names_used, gru_step
+from exporters.onnx_gru import ScanBuilder, _all_names, _names_used, gru_step, unique_prefix
 from exporters.recurrence import cell_step
 
 DOMAIN = "compress_and_export"
@@ -203,11 +203,7 @@ def lower_shared_input_recurrences(model: onnx.ModelProto, check: bool = True) -
         if node.domain != DOMAIN or node.op_type != OP_TYPE:
             new_nodes.append(node)
             continue
-        base = (node.name or f"{OP_TYPE}_{i}").strip("/").replace("/", "_")
-        prefix, k = f"{base}__scan/", 0
-        while any(name.startswith(prefix) for name in taken):
-            k += 1
-            prefix = f"{base}__scan{k}/"
+        prefix = unique_prefix(node.name or f"{OP_TYPE}_{i}", "scan", taken)
         lowering = _Lowering(node, constants, prefix, taken)
         new_nodes += lowering.build()
         new_tensors += lowering.tensors

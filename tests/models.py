@@ -33,3 +33,24 @@ def batch(generator: torch.Generator, size: int = 4, time: int = 7) -> tuple[tor
 
 def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x).reshape(-1, 5), y.reshape(-1))
+
+
+#: source of a small user model file (``build()``: a GRU and a Linear on ``[batch, time, 12]``),
+#: written to a temporary ``.py`` and handed to the command line as ``--model path.py:build``
+GRU_FACTORY_SOURCE = '''
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(12, 32, batch_first=True)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc(self.gru(x)[0])
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+'''

@@ -16,23 +16,9 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.recipe import RecipeError, load_recipe, parse_recipe, shipped_recipes
 
-FACTORY = '''
-import torch
-from torch import nn
+from .models import GRU_FACTORY_SOURCE
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gru = nn.GRU(12, 32, batch_first=True)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x):
-        return self.fc(self.gru(x)[0])
-
-def build():
-    torch.manual_seed(0)
-    return Net()
-
+FACTORY = GRU_FACTORY_SOURCE + '''
 def build_with_inputs():
     return build(), (torch.randn(1, 9, 12),)
 '''
@@ -257,7 +243,8 @@ def test_taylor_recipe_shrinks_the_model_and_exports_it(tmp_path):
     assert report["input_fp32_bytes"] > report["size"]["dense_fp32_bytes"] == report["size"]["total_bytes"]
     assert report["checks_passed"]
     metrics = report["metrics"]
-    assert metrics["onnx runtime"]["accuracy"] == metrics["pytorch pruned"]["accuracy"] == metrics["tvm host"]["accuracy"]
+    accuracies = {name: metrics[name]["accuracy"] for name in ("pytorch pruned", "onnx runtime", "tvm host")}
+    assert len(set(accuracies.values())) == 1, accuracies
     assert "onnx runtime input model fp32" in report["latency_ms"]["1"]
     assert "Units removed (Taylor" in (out / "report.md").read_text()
 
@@ -294,4 +281,5 @@ def test_exported_program_is_pruned_one_shot_and_exported(factory, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["checks_passed"] and report["prune"]["sparsity_reached"] == pytest.approx(0.8, abs=0.01)
-    assert {layer["name"] for layer in report["size"]["layers"]} == {"gru.weight_ih_l0", "gru.weight_hh_l0", "fc.weight"}
+    packed = {layer["name"] for layer in report["size"]["layers"]}
+    assert packed == {"gru.weight_ih_l0", "gru.weight_hh_l0", "fc.weight"}

@@ -17,19 +17,9 @@ from click.testing import CliRunner
 
 from pipeline.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, main
 
-NETS = '''
-import torch
-from torch import nn
+from .models import GRU_FACTORY_SOURCE
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gru = nn.GRU(12, 32, batch_first=True)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x):
-        return self.fc(self.gru(x)[0])
-
+NETS = GRU_FACTORY_SOURCE + '''
 class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
@@ -41,10 +31,6 @@ class Mixed(nn.Module):
     def forward(self, tokens):
         x = self.conv(self.emb(tokens).transpose(1, 2)).transpose(1, 2)
         return self.fc(self.gru(x)[0])
-
-def build():
-    torch.manual_seed(0)
-    return Net()
 
 def mixed():
     torch.manual_seed(0)

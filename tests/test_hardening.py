@@ -21,19 +21,9 @@ from compressor.selection import LINEAR_TYPES, RECURRENT_TYPES
 from exporters.tvm_rpc import TIMEOUT_ENV, connect, default_timeout_s
 from pipeline.cli import main
 
-FACTORY = '''
-import torch
-from torch import nn
+from .models import GRU_FACTORY_SOURCE
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gru = nn.GRU(12, 32, batch_first=True)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x):
-        return self.fc(self.gru(x)[0])
-
+FACTORY = GRU_FACTORY_SOURCE + '''
 class Convs(nn.Module):
     def __init__(self):
         super().__init__()
@@ -42,10 +32,6 @@ class Convs(nn.Module):
 
     def forward(self, x):
         return self.conv2(torch.relu(self.conv1(x)))
-
-def build():
-    torch.manual_seed(0)
-    return Net()
 
 def build_convs():
     torch.manual_seed(0)
