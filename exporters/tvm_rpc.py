@@ -11,6 +11,7 @@ time, never a hang.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -66,9 +67,14 @@ def default_timeout_s() -> float:
     return value
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+def _reason(error: BaseException) -> str:
+    """The informative line of an error: TVM's RPC errors start with a header ("Error caught from
+    RPC call:") and put the cause (e.g. "Failed to load dynamic shared library …") below it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().endswith(":")]
+    if not lines:
+        return type(error).__name__
+    informative = [line for line in lines if re.search(r"fail|error|cannot|refused|reset|broken", line, re.I)]
+    return re.sub(r"^\[[\d:.]+\]\s+\S+:\d+:\s*", "", (informative or lines)[0])
 
 
 def _bounded(call: Callable[[], T], timeout_s: float, what: str, fix: str) -> T:
@@ -90,7 +96,7 @@ def _bounded(call: Callable[[], T], timeout_s: float, what: str, fix: str) -> T:
                            f"(timeout_s or {TIMEOUT_ENV}=SECONDS)")
     if "error" in result:
         error = result["error"]
-        raise ConnectionError(f"{what} failed ({_first_line(error)}): {fix}") from error  # type: ignore[misc, arg-type]
+        raise ConnectionError(f"{what} failed ({_reason(error)}): {fix}") from error  # type: ignore[misc, arg-type]
     return result["value"]  # type: ignore[return-value]
 
 
