@@ -79,6 +79,20 @@ def _all_names(graph: onnx.GraphProto, names: set[str]) -> set[str]:
     return names
 
 
+def replace_nodes(graph: onnx.GraphProto, nodes: list, tensors: list, replaced: set[str]) -> None:
+    """Give ``graph`` the node list ``nodes`` and the extra initializers ``tensors``; drop the
+    initializers (and graph inputs) named in ``replaced`` that nothing reads any more."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(tensors)
+    used = _names_used(graph, set())
+    unused = {name for name in replaced if name not in used}
+    for field in (graph.initializer, graph.input):
+        kept = [t for t in field if t.name not in unused]
+        del field[:]
+        field.extend(kept)
+
+
 def unique_prefix(base: str, tag: str, taken: set[str]) -> str:
     """``"<base>__<tag>/"`` (``/`` in ``base`` made ``_``), numbered if a name in ``taken`` already
     starts with it: the namespace of the nodes and tensors that replace one node."""
@@ -335,17 +349,7 @@ def lower_gru(model: onnx.ModelProto, check: bool = True) -> onnx.ModelProto:
         replaced.update(name for name in node.input[1:4] if name)
     if not replaced:
         return model
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(new_tensors)
-    used = _names_used(graph, set())
-    unused = {name for name in replaced if name not in used}
-    kept = [t for t in graph.initializer if t.name not in unused]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    inputs = [i for i in graph.input if i.name not in unused]
-    del graph.input[:]
-    graph.input.extend(inputs)
+    replace_nodes(graph, new_nodes, new_tensors, replaced)
     if check:
         onnx.checker.check_model(model)
     return model

@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from compressor.zoo.ds2 import SharedInputBiRecurrent
-from exporters.onnx_gru import ScanBuilder, _all_names, _names_used, gru_step, unique_prefix
+from exporters.onnx_gru import ScanBuilder, _all_names, gru_step, replace_nodes, unique_prefix
 from exporters.recurrence import cell_step
 
 DOMAIN = "compress_and_export"
@@ -210,15 +210,7 @@ def lower_shared_input_recurrences(model: onnx.ModelProto, check: bool = True) -
         replaced.update(node.input[1:])
     if not replaced:
         return model
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(new_tensors)
-    used = _names_used(graph, set())
-    unused = {name for name in replaced if name not in used}
-    for field in (graph.initializer, graph.input):
-        kept = [t for t in field if t.name not in unused]
-        del field[:]
-        field.extend(kept)
+    replace_nodes(graph, new_nodes, new_tensors, replaced)
     if not any(n.domain == DOMAIN for n in graph.node):
         kept_opsets = [o for o in model.opset_import if o.domain != DOMAIN]
         del model.opset_import[:]
