@@ -42,13 +42,19 @@ def _index(values: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(values, dtype=torch.long, device=device)
 
 
-def _shrink_conv(m: nn.Module, p: dict) -> None:
-    weight = m.weight.detach()
-    out = p.get("out")
+def _kept_outputs(m: nn.Module, p: dict) -> tuple[torch.Tensor, np.ndarray | None]:
+    """The weight rows of the kept outputs ``p["out"]`` (all without it); the bias is cut in place."""
+    weight, out = m.weight.detach(), p.get("out")
     if out is not None:
         weight = weight[_index(out, weight.device)]
         if m.bias is not None:
             m.bias = _parameter(m.bias.detach()[_index(out, weight.device)], m.bias)
+    return weight, out
+
+
+def _shrink_conv(m: nn.Module, p: dict) -> None:
+    weight, out = _kept_outputs(m, p)
+    if out is not None:
         m.out_channels = len(out)
     kept_in = p.get("in")
     if kept_in is not None:
@@ -66,12 +72,8 @@ def _shrink_conv(m: nn.Module, p: dict) -> None:
 
 
 def _shrink_linear(m: nn.Linear, p: dict) -> None:
-    weight = m.weight.detach()
-    out = p.get("out")
+    weight, out = _kept_outputs(m, p)
     if out is not None:
-        weight = weight[_index(out, weight.device)]
-        if m.bias is not None:
-            m.bias = _parameter(m.bias.detach()[_index(out, weight.device)], m.bias)
         m.out_features = len(out)
     kept_in = p.get("in")
     if kept_in is not None:
