@@ -118,16 +118,23 @@ class PackedWeight:
 
     def to_dense(self) -> np.ndarray:
         """The float32 weight of ``shape`` (dequantized for int8)."""
-        values = self.float_values()
-        if self.format == "dense":
-            return values.reshape(self.shape).copy()
+        return self._scattered(self.float_values()).reshape(self.shape)
+
+    def stored_matrix(self) -> np.ndarray:
+        """The stored values in place in the matrix ``[rows, cols]`` of :attr:`matrix_shape`, zeros
+        elsewhere, in their stored type: int8 codes (the weight is ``codes · scales[row]``) or fp32."""
+        return self._scattered(self.arrays["values"])
+
+    def _scattered(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (laid out as ``arrays["values"]``) put at their places in the matrix."""
         rows, cols = self.matrix_shape
+        if self.format == "dense":
+            return values.reshape(rows, cols).copy()
         r, c = self.block.rows, self.block.cols
         n_br, n_bc = self.block.grid((rows, cols))
-        padded = np.zeros((n_br, n_bc, r, c), np.float32)
+        padded = np.zeros((n_br, n_bc, r, c), values.dtype)
         padded[self.block_coords()] = values.reshape(-1, r, c)
-        matrix = padded.transpose(0, 2, 1, 3).reshape(n_br * r, n_bc * c)[:rows, :cols]
-        return np.ascontiguousarray(matrix).reshape(self.shape)
+        return np.ascontiguousarray(padded.transpose(0, 2, 1, 3).reshape(n_br * r, n_bc * c)[:rows, :cols])
 
     def check(self) -> None:
         """Raise ``ValueError`` unless :attr:`arrays` are a packing of :attr:`shape` that :meth:`to_dense`

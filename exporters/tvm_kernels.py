@@ -505,7 +505,7 @@ def _sparse_rows_kernel(N: int, K: int, R: int, C: int, B: int, wdtype: str, ity
     :func:`_sparse_batch_kernel` (two passes of 8 rows; its int8 values take one shuffle per row
     to broadcast) and 0.13 / 0.079 with the batch in two passes of 8 here."""
     NB, KP = math.ceil(N / R), math.ceil(K / C) * C
-    block_row = _rows_block_row(N, R, C, B, wdtype, scaled)
+    block_row = rows_block_row(N, R, C, B, wdtype, scaled)
 
     @T.prim_func
     def kernel(x: T.Buffer((B, K), "float32"), data_h: T.handle, indices_h: T.handle,
@@ -526,7 +526,7 @@ def _sparse_rows_kernel(N: int, K: int, R: int, C: int, B: int, wdtype: str, ity
     return kernel if scaled else _without_param(kernel, "scale")
 
 
-def _rows_block_row(N: int, R: int, C: int, B: int, wdtype: str, scaled: bool) -> Callable:
+def rows_block_row(N: int, R: int, C: int, B: int, wdtype: str, scaled: bool) -> Callable:
     """The macro ``block_row(data, indices, indptr, nnzb, xt, y, scale, i, row0, rows)`` of
     :func:`_sparse_rows_kernel`: block row ``i`` against the ``B`` columns of ``xt[KP, B]``
     (``x`` rows ``row0 …``), storing ``y[row0 + b, i·R …]`` for ``b < rows`` only (``rows`` a
@@ -844,7 +844,7 @@ def _sparse_rows_dyn_kernel(N: int, K: int, R: int, C: int, wdtype: str, itype: 
     BT = ROW_TILE
     NB, KP = math.ceil(N / R), math.ceil(K / C) * C
     G = max(1, DYN_X_BYTES // (KP * BT * 4))
-    block_row = _rows_block_row(N, R, C, BT, wdtype, scaled)
+    block_row = rows_block_row(N, R, C, BT, wdtype, scaled)
 
     @T.prim_func
     def kernel(x_h: T.handle, data_h: T.handle, indices_h: T.handle,

@@ -28,6 +28,7 @@ from tvm.script import tirx as T
 from compressor.packing import PackedWeight, pack
 
 from .recurrence import GATES
+from .tvm_kernels import rows_block_row
 
 FP32 = "float32"
 
@@ -57,30 +58,40 @@ def _lanes(size: int) -> int:
     return next(v for v in (16, 8, 4, 2, 1) if size % v == 0)
 
 
-def _cell_update(cell: str):
-    """A TIR macro computing the new state of one unit from its gate pre-activations."""
+def _cell_update(cell: str, transposed: bool):
+    """A TIR macro computing the new state of one unit from its gate pre-activations ``gate``;
+    ``h_buf`` is ``[2, B, H]``, or ``[2, H, B]`` with ``transposed``."""
 
     @T.macro
     def update(gi, gate, h_buf, c_buf, cur, nxt, y, tt, b, unit, hidden):
+        h = T.decl_buffer((2,), FP32)  # the unit's state before and after the step
+        if transposed:
+            h[0] = h_buf[cur, unit, b]
+        else:
+            h[0] = h_buf[cur, b, unit]
         if cell == "gru":
             r = T.sigmoid(gi[tt, b, unit] + gate[0])
             z = T.sigmoid(gi[tt, b, hidden + unit] + gate[1])
             n = T.tanh(gi[tt, b, 2 * hidden + unit] + r * gate[2])
-            h_buf[nxt, b, unit] = (T.float32(1) - z) * n + z * h_buf[cur, b, unit]
+            h[1] = (T.float32(1) - z) * n + z * h[0]
         elif cell == "lstm":
             i = T.sigmoid(gi[tt, b, unit] + gate[0])
             f = T.sigmoid(gi[tt, b, hidden + unit] + gate[1])
             g = T.tanh(gi[tt, b, 2 * hidden + unit] + gate[2])
             o = T.sigmoid(gi[tt, b, 3 * hidden + unit] + gate[3])
             c_buf[b, unit] = f * c_buf[b, unit] + i * g
-            h_buf[nxt, b, unit] = o * T.tanh(c_buf[b, unit])
+            h[1] = o * T.tanh(c_buf[b, unit])
         elif cell == "rnn_tanh":
-            h_buf[nxt, b, unit] = T.tanh(gi[tt, b, unit] + gate[0])
+            h[1] = T.tanh(gi[tt, b, unit] + gate[0])
         elif cell == "rnn_relu":
-            h_buf[nxt, b, unit] = T.max(gi[tt, b, unit] + gate[0], T.float32(0))
+            h[1] = T.max(gi[tt, b, unit] + gate[0], T.float32(0))
         else:
-            h_buf[nxt, b, unit] = T.min(T.max(gi[tt, b, unit] + gate[0], T.float32(0)), T.float32(20))
-        y[tt, b, unit] = h_buf[nxt, b, unit]
+            h[1] = T.min(T.max(gi[tt, b, unit] + gate[0], T.float32(0)), T.float32(20))
+        if transposed:
+            h_buf[nxt, unit, b] = h[1]
+        else:
+            h_buf[nxt, b, unit] = h[1]
+        y[tt, b, unit] = h[1]
 
     return update
 
@@ -89,8 +100,8 @@ def _sparse_kernel(cell: str, hidden: int, batch: int, rows: int, cols: int, wdt
                    idx_dtype: str, reverse: bool, int8: bool):
     gates, states = GATES[cell], 2 if cell == "lstm" else 1
     blocks = hidden // rows
-    chunk = _batch_chunk(batch, gates * rows)
-    update = _cell_update(cell)
+    block_row = rows_block_row(gates * hidden, rows, cols, batch, wdtype, int8)
+    update = _cell_update(cell, transposed=True)
 
     @T.prim_func
     def kernel(gi_h: T.handle, state: T.Buffer((states, batch, hidden), FP32), data_h: T.handle, indices_h: T.handle,
@@ -103,37 +114,26 @@ def _sparse_kernel(cell: str, hidden: int, batch: int, rows: int, cols: int, wdt
         data = T.match_buffer(data_h, (nnzb, cols, rows), wdtype)
         indices = T.match_buffer(indices_h, (nnzb,), idx_dtype)
         y = T.match_buffer(y_h, (steps, batch, hidden), FP32)
-        h_buf = T.alloc_buffer((2, batch, hidden), FP32)
+        h_buf = T.alloc_buffer((2, hidden, batch), FP32)  # h transposed: a block column's batch values together
         c_buf = T.alloc_buffer((batch, hidden), FP32)
+        gh = T.alloc_buffer((batch, gates * hidden), FP32)  # h · W_hhᵀ, without b_hh
         for b, k in T.grid(batch, hidden):
-            h_buf[0, b, k] = state[0, b, k]
+            h_buf[0, k, b] = state[0, b, k]
             c_buf[b, k] = state[states - 1, b, k]
         for t in range(steps):
             for ib in T.parallel(blocks):
-                for bo in range(batch // chunk):
-                    acc = T.decl_buffer((gates, chunk, rows), FP32)
-                    gate = T.decl_buffer((gates,), FP32)
-                    for g in T.unroll(gates):
-                        for b in T.unroll(chunk):
-                            for r in T.vectorized(rows):
-                                acc[g, b, r] = T.float32(0)
-                        for j in range(T.Cast("int32", indptr[g * blocks + ib]), T.Cast("int32", indptr[g * blocks + ib + 1])):
-                            for c in T.unroll(cols):
-                                for b in T.unroll(chunk):
-                                    for r in T.vectorized(rows):
-                                        acc[g, b, r] = acc[g, b, r] + T.Cast(FP32, data[j, c, r]) * h_buf[
-                                            t % 2, bo * chunk + b, T.Cast("int32", indices[j]) * cols + c]
-                    for b in T.serial(chunk):
-                        for r in T.serial(rows):
-                            for g in T.unroll(gates):
-                                if int8:
-                                    gate[g] = acc[g, b, r] * scales[g * hidden + ib * rows + r] + bias[g * hidden + ib * rows + r]
-                                else:
-                                    gate[g] = acc[g, b, r] + bias[g * hidden + ib * rows + r]
-                            update(gi, gate, h_buf, c_buf, t % 2, (t + 1) % 2, y,
-                                   steps - 1 - t if reverse else t, bo * chunk + b, ib * rows + r, hidden)
+                h_t = T.decl_buffer((hidden, batch), FP32, data=h_buf.data, elem_offset=t % 2 * (hidden * batch))
+                for g in T.unroll(gates):
+                    block_row(data, indices, indptr, nnzb, h_t, gh, scales, g * blocks + ib, 0, batch)
+                for b in T.serial(batch):
+                    for r in T.serial(rows):
+                        gate = T.decl_buffer((gates,), FP32)
+                        for g in T.unroll(gates):
+                            gate[g] = gh[b, g * hidden + ib * rows + r] + bias[g * hidden + ib * rows + r]
+                        update(gi, gate, h_buf, c_buf, t % 2, (t + 1) % 2, y,
+                               steps - 1 - t if reverse else t, b, ib * rows + r, hidden)
         for b, k in T.grid(batch, hidden):
-            final[0, b, k] = h_buf[steps % 2, b, k]
+            final[0, b, k] = h_buf[steps % 2, k, b]
             if states == 2:
                 final[1, b, k] = c_buf[b, k]
 
@@ -144,7 +144,7 @@ def _dense_kernel(cell: str, hidden: int, batch: int, wdtype: str, reverse: bool
     gates, states = GATES[cell], 2 if cell == "lstm" else 1
     lanes = _lanes(hidden)
     chunk = _batch_chunk(batch, gates * lanes)
-    update = _cell_update(cell)
+    update = _cell_update(cell, transposed=False)
 
     @T.prim_func
     def kernel(gi_h: T.handle, state: T.Buffer((states, batch, hidden), FP32),

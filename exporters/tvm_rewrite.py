@@ -34,6 +34,7 @@ from compressor.packing import PackedWeight, pack
 
 from .recurrence import scan_recurrent_layers
 from .tvm_conv import conv_shape, emit_conv, emit_conv_dyn
+from .tvm_direct_conv import emit_direct_conv, takes_direct
 from .tvm_kernels import matmul_kernel
 from .tvm_recurrence_kernel import recurrence_kernel
 
@@ -156,6 +157,10 @@ class MatmulRewriter(PyExprMutator):
             out, kernel = emit_conv_dyn(self.builder_, self._add_kernel, call.args[0], shape, weight, call.ty,
                                         "conv_pieces_" + re.sub(r"\W", "_", name))
             self.uses.append(KernelUse(name, kernel.name, _format_tag(weight), weight.dtype, kernel.bytes_moved_for(1)))
+            return out
+        if takes_direct(shape, weight):
+            out, kernel_name, moved = emit_direct_conv(self.builder_, self._add_kernel, call.args[0], shape, weight)
+            self.uses.append(KernelUse(name, kernel_name, _format_tag(weight), weight.dtype, moved))
             return out
         out, calls = emit_conv(self.builder_, self._add_kernel, call.args[0], shape, weight)
         self.uses.append(KernelUse(name, calls[0][0].name, _format_tag(weight), weight.dtype,

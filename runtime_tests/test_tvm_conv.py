@@ -2,7 +2,8 @@
 packed weight, against PyTorch within 1e-4 relative (int8: against the dequantized model,
 ``PackedModel.dequantized()``, whose weights the kernels compute with).  Geometry: strides,
 padding, dilation, odd sizes, bias, a 1-D convolution, batch 1 (one chunk) and 3 (many chunks
-with a remainder); dense fp32, pruned CSR fp32, BSR 4x4 int8; ResNet-8 and ds2-mini end to end;
+with a remainder); dense fp32 and int8 and BSR 4x4 fp32 at 30 % (the direct convolution of
+exporters.tvm_direct_conv), pruned CSR fp32 and BSR 4x4 int8 at 90 % (im2col); ResNet-8 and ds2-mini end to end;
 grouped convolutions left to TVM.  Symbolic input height / width (``dynamic_axes``): one library
 for every size, in pieces (thousands of them without overflowing the VM's stack), and ds2-mini
 with a run-time time axis through ``export_tvm``."""
@@ -26,11 +27,16 @@ from runtime_tests.models import pruned
 from runtime_tests.tvm_check import compare_with_torch
 
 RTOL = 1e-4
+# kind: None (the model as it is), or (block, packing, sparsity); weights stored at least
+# DIRECT_MIN_DENSITY dense run the direct convolution, sparser ones im2col + a sparse matmul
 KINDS = {
     "dense-fp32": None,
-    "csr-fp32": (BlockShape(), PackingConfig(format="csr", dtype="fp32")),
-    "bsr4x4-int8": (BlockShape(4, 4), PackingConfig(format="bsr", block=BlockShape(4, 4), dtype="int8")),
+    "dense-int8": (None, PackingConfig(format="dense", dtype="int8"), 0.0),
+    "csr-fp32": (BlockShape(), PackingConfig(format="csr", dtype="fp32"), 0.9),
+    "bsr4x4-int8": (BlockShape(4, 4), PackingConfig(format="bsr", block=BlockShape(4, 4), dtype="int8"), 0.9),
+    "bsr4x4-fp32": (BlockShape(4, 4), PackingConfig(format="bsr", block=BlockShape(4, 4), dtype="fp32"), 0.3),
 }
+DIRECT_KINDS = {"dense-fp32", "dense-int8", "bsr4x4-fp32"}
 
 
 class Convs(nn.Module):
@@ -67,8 +73,8 @@ def build(model: nn.Module, kind: str):
     model = model.eval()
     if KINDS[kind] is None:
         return model, model
-    block, config = KINDS[kind]
-    packed = pack_model(pruned(model, block).eval(), config)
+    block, config, sparsity = KINDS[kind]
+    packed = pack_model(pruned(model, block, sparsity).eval() if sparsity else model, config)
     return packed, packed.dequantized().eval()
 
 
@@ -107,6 +113,8 @@ def test_conv_geometries_match_pytorch(kind, batch, monkeypatch):
     tag = kind.split("-")[0]
     assert all(use.format == tag and use.dtype == kind.split("-")[1] for use in relax_model.kernels)
     assert all(use.bytes_moved > 0 for use in relax_model.kernels)
+    direct = [use.kernel.startswith("direct_conv_") for use in relax_model.kernels]
+    assert all(direct) if kind in DIRECT_KINDS else not any(direct)
 
 
 def test_chunks_cover_the_rows_once(monkeypatch):

@@ -37,6 +37,7 @@ def test_fp32_round_trip_is_exact(shape, sparsity, block, prune_block, fmt, seed
     weight = sparse_weight(shape, sparsity, seed, prune_block)
     packed = pack(weight, fmt, block)
     assert np.array_equal(packed.to_dense(), weight)
+    assert np.array_equal(packed.stored_matrix(), weight.reshape(packed.matrix_shape))
     assert packed.to_dense().dtype == np.float32 and packed.to_dense().shape == weight.shape
     assert packed.nbytes == sum(a.nbytes for a in packed.arrays.values())
     rows, cols = packed.matrix_shape
@@ -60,6 +61,8 @@ def test_int8_keeps_zeros_and_error_is_half_a_step(shape, sparsity, block, fmt, 
     matrix, restored = weight.reshape(shape[0], -1), back.reshape(shape[0], -1)
     step = packed.arrays["scales"][:, None]
     assert np.all(np.abs(matrix - restored) <= step / 2 * (1 + 1e-4) + 1e-7)  # float32 rounding at exact halves
+    codes = packed.stored_matrix()
+    assert codes.dtype == np.int8 and np.array_equal(codes.astype(np.float32) * step, restored)  # the codes in place
     assert packed.arrays["values"].size == pack(weight, fmt, block).arrays["values"].size  # only stored values
     assert packed.nbytes == sum(a.nbytes for a in packed.arrays.values())
 
