@@ -18,7 +18,11 @@ the same number of steps with several seeds (mean and spread reported):
 3. **block vs unstructured**: 4×4 and 16×1 blocks (max-magnitude block score) against element
    pruning at 90 %, cubic schedule.
 
-Writes ``accuracy-<task>.json``, ``.md`` and ``.png``.
+Writes ``accuracy-<task>.json``, ``.md`` and ``.png``.  Every finished fine-tuning or training run
+is also written at once to ``accuracy-<task>.runs.json`` beside them (:class:`RunLog`): an
+interrupted benchmark started again with the same options skips the runs it already has, so the
+full size (hours on two cores) can be run in several sittings.  ``seconds`` in the result is the
+sum of the runs' own times, wherever they ran.
 """
 
 from __future__ import annotations
@@ -41,6 +45,31 @@ from compressor.tasks.speech import STANDARD_CORPORA, SpeechCorpusSpec, SpeechTa
 from compressor.training import TrainConfig, train
 from compressor.zoo import RECURRENT_WEIGHTS, build_model
 from compressor.zoo.pretrained import RECIPES, load_pretrained
+
+
+class RunLog:
+    """Finished runs by key (``experiment/setting/seed``), kept in a JSON file rewritten (to a
+    temporary name, then renamed) after every run; with no path, in memory only."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.runs: dict[str, dict] = json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+    def run(self, key: str, compute) -> dict:
+        """The logged result of ``key``, or ``compute()`` timed (``"seconds"``), logged and returned."""
+        if key in self.runs:
+            print(f"  {key}: logged earlier in {self.path.name}, not run again", flush=True)
+            return self.runs[key]
+        started = time.time()
+        result = {**compute(), "seconds": round(time.time() - started, 1)}
+        self.runs[key] = result
+        if self.path is None:
+            return result
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.runs, indent=1) + "\n")
+        tmp.replace(self.path)
+        return result
 
 
 @dataclass(frozen=True)
@@ -103,21 +132,28 @@ def summarize(runs: list[dict]) -> dict:
             "sparsity_mean": statistics.mean(r.get("sparsity", 0.0) for r in runs), "runs": runs}
 
 
-def gradual_vs_hard(base: nn.Module, task: SpeechTask, size: Size) -> dict:
+def gradual_vs_hard(base: nn.Module, task: SpeechTask, size: Size, log: RunLog | None = None) -> dict:
+    log = log or RunLog()
     results = {}
     for sparsity in size.sparsities:
         for label, groups in methods(sparsity, size.finetune_steps).items():
-            runs = [finetune(base, task, groups, size.finetune_steps, seed) for seed in size.seeds]
+            runs = [log.run(f"gradual_vs_hard/{sparsity:g}/{label}/{seed}",
+                            lambda g=groups, s=seed: finetune(base, task, g, size.finetune_steps, s))
+                    for seed in size.seeds]
             results.setdefault(f"{sparsity:g}", {})[label] = summarize(runs)
     return results
 
 
-def block_vs_unstructured(base: nn.Module, task: SpeechTask, size: Size, sparsity: float = 0.9) -> dict:
+def block_vs_unstructured(base: nn.Module, task: SpeechTask, size: Size, log: RunLog | None = None,
+                          sparsity: float = 0.9) -> dict:
+    log = log or RunLog()
     end = int(size.finetune_steps * 0.6)
     schedule = CubicSchedule(sparsity, start_itr=1, n_steps=10, delta_t=max(1, end // 10))
     results = {}
     for block in (BlockShape(1, 1), BlockShape(4, 4), BlockShape(16, 1)):
-        runs = [finetune(base, task, pruning_groups(schedule, block=block), size.finetune_steps, seed)
+        runs = [log.run(f"block_vs_unstructured/{block}/{seed}",
+                        lambda b=block, s=seed: finetune(base, task, pruning_groups(schedule, block=b),
+                                                         size.finetune_steps, s))
                 for seed in size.seeds]
         results[str(block)] = summarize(runs)
     return results
@@ -135,7 +171,8 @@ def recurrent_weight_count(hidden: int) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if re.search(RECURRENT_WEIGHTS, n))
 
 
-def large_sparse_vs_small_dense(task: SpeechTask, size: Size, dense_steps: int, sparsity: float = 0.9) -> dict:
+def large_sparse_vs_small_dense(task: SpeechTask, size: Size, dense_steps: int, log: RunLog | None = None,
+                                sparsity: float = 0.9) -> dict:
     """Both trained from scratch for ``dense_steps + finetune_steps``."""
     steps = dense_steps + size.finetune_steps
     large = build_model("ds2-mini")
@@ -144,23 +181,27 @@ def large_sparse_vs_small_dense(task: SpeechTask, size: Size, dense_steps: int, 
     # dense weight count matches the large model's non-zero count
     target = (1 - sparsity) * recurrent_nonzeros(large)
     hidden_small = min(range(8, hidden_large), key=lambda h: abs(recurrent_weight_count(h) - target))
+
+    def trained(hidden: int, prune: bool, seed: int) -> dict:
+        torch.manual_seed(seed)
+        model = build_model("ds2-mini", hidden=hidden)
+        pruner = None
+        if prune:
+            end = int(steps * 0.6)
+            pruner = MagnitudePruner(pruning_groups(CubicSchedule(sparsity, start_itr=steps // 10, n_steps=10,
+                                                                  delta_t=max(1, (end - steps // 10) // 10))))
+            pruner.prepare(model)
+        train(model, task, TrainConfig(steps=steps, lr=2e-3, cosine=True, grad_clip=5.0, seed=seed), pruner)
+        if pruner is not None:
+            model = pruner.finalize()
+        return {**task.evaluate(model), "recurrent_nonzeros": recurrent_nonzeros(model), "hidden": hidden}
+
+    log = log or RunLog()
     results = {}
     for label, hidden, prune in (("large sparse", hidden_large, True), ("small dense", hidden_small, False)):
-        runs = []
-        for seed in size.seeds:
-            torch.manual_seed(seed)
-            model = build_model("ds2-mini", hidden=hidden)
-            pruner = None
-            if prune:
-                end = int(steps * 0.6)
-                pruner = MagnitudePruner(pruning_groups(CubicSchedule(sparsity, start_itr=steps // 10, n_steps=10,
-                                                                      delta_t=max(1, (end - steps // 10) // 10))))
-                pruner.prepare(model)
-            train(model, task, TrainConfig(steps=steps, lr=2e-3, cosine=True, grad_clip=5.0, seed=seed), pruner)
-            if pruner is not None:
-                model = pruner.finalize()
-            runs.append({**task.evaluate(model), "recurrent_nonzeros": recurrent_nonzeros(model), "hidden": hidden})
-        results[label] = summarize(runs)
+        results[label] = summarize([log.run(f"large_sparse_vs_small_dense/{label}/{seed}",
+                                            lambda h=hidden, p=prune, s=seed: trained(h, p, s))
+                                    for seed in size.seeds])
     return results
 
 
@@ -215,23 +256,24 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(size: Size, with_large_sparse: bool, quick: bool, threads: int = 2) -> dict:
-    """Every experiment on ``size.corpus``, starting from the shipped ``ds2-mini-<kind>`` checkpoint."""
+def run(size: Size, with_large_sparse: bool, quick: bool, log: RunLog, threads: int = 2) -> dict:
+    """Every experiment on ``size.corpus``, starting from the shipped ``ds2-mini-<kind>`` checkpoint;
+    runs already in ``log`` are not run again."""
     torch.set_num_threads(threads)
     task = SpeechTask(size.corpus, batch_size=32, eval_limit=size.eval_limit)
     checkpoint = f"ds2-mini-{size.corpus.kind}"
     base = load_pretrained(checkpoint)
-    started = time.time()
     result = {
         "task": task.name, "size": "quick" if quick else "full", "base": checkpoint,
-        "dense": task.evaluate(base), "finetune_steps": size.finetune_steps, "seeds": list(size.seeds),
-        "gradual_vs_hard": gradual_vs_hard(base, task, size),
-        "block_vs_unstructured": block_vs_unstructured(base, task, size),
+        "dense": log.run("dense", lambda: task.evaluate(base)), "finetune_steps": size.finetune_steps,
+        "seeds": list(size.seeds),
+        "gradual_vs_hard": gradual_vs_hard(base, task, size, log),
+        "block_vs_unstructured": block_vs_unstructured(base, task, size, log),
     }
     if with_large_sparse:
         result["large_sparse_vs_small_dense"] = large_sparse_vs_small_dense(
-            task, size, dense_steps=RECIPES[checkpoint].config.steps)
-    result["seconds"] = round(time.time() - started, 1)
+            task, size, RECIPES[checkpoint].config.steps, log)
+    result["seconds"] = round(sum(r["seconds"] for r in log.runs.values()), 1)
     result["machine"] = machine_info(torch.get_num_threads())
     return result
 
@@ -246,9 +288,11 @@ def main() -> None:
                         help="torch threads (1 on a machine shared with other work: 2 threads then spin and crawl)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    result = run(sized(QUICK if args.quick else FULL, args.task), not args.skip_large_sparse, args.quick, args.threads)
+    size = sized(QUICK if args.quick else FULL, args.task)
+    stem = f"accuracy-speech-{args.task}" + ("-quick" if args.quick else "")
+    log = RunLog(args.out / f"{stem}.runs.json")
+    result = run(size, not args.skip_large_sparse, args.quick, log, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"accuracy-{result['task']}" + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(to_markdown(result))
     plot(result, args.out / f"{stem}.png")

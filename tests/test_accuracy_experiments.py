@@ -9,7 +9,7 @@ import copy
 
 import torch
 
-from bench.accuracy import Size, finetune, methods, pruning_groups
+from bench.accuracy import RunLog, Size, finetune, methods, pruning_groups
 from compressor import MagnitudePruner, OneShot
 from compressor.tasks.speech import SpeechCorpusSpec, SpeechTask
 from compressor.zoo.pretrained import load_pretrained
@@ -67,3 +67,21 @@ def test_large_sparse_beats_small_dense_with_equal_nonzeros():
     assert large["hidden"] == 256 and small["hidden"] < 100
     assert abs(large["recurrent_nonzeros"] - small["recurrent_nonzeros"]) < 0.05 * small["recurrent_nonzeros"]
     assert large["cer"] < 0.5 and large["cer"] < small["cer"]
+
+
+def test_run_log_resumes_without_running_again(tmp_path):
+    """An interrupted benchmark started again skips the runs it logged (bench-sized runs take hours)."""
+    path = tmp_path / "accuracy.runs.json"
+    calls = []
+
+    def compute(value: float) -> dict:
+        calls.append(value)
+        return {"cer": value}
+
+    first = RunLog(path)
+    assert first.run("gradual_vs_hard/0.9/hard/0", lambda: compute(0.25))["cer"] == 0.25
+    again = RunLog(path)  # a new process
+    assert again.run("gradual_vs_hard/0.9/hard/0", lambda: compute(0.5))["cer"] == 0.25
+    assert again.run("gradual_vs_hard/0.9/hard/1", lambda: compute(0.5))["cer"] == 0.5
+    assert calls == [0.25, 0.5] and set(RunLog(path).runs) == {"gradual_vs_hard/0.9/hard/0", "gradual_vs_hard/0.9/hard/1"}
+    assert all(run["seconds"] >= 0 for run in RunLog(path).runs.values())
