@@ -3,7 +3,9 @@
     python -m bench.end_to_end [--quick] [--threads 1] [--out bench/results] [--eval-limit N] [--no-accuracy]
 
 Models: the paper-size Deep Speech 2 (7 bidirectional ReLU RNN layers of 1760 with the shared
-input weight, 67.7 M parameters; untrained, so latency and size only), the trained ``ds2-mini``
+input weight, 67.7 M parameters; untrained, so latency and size only), the same without its two
+(dense, unpruned) convolutions (:class:`RecurrentStack`: what the pruned layers alone gain; the
+convolutions take most of the whole model's time at batch 16), the trained ``ds2-mini``
 (digits; CER) and the trained ResNet-8 (Fashion-MNIST; accuracy).  Sparse variants: the
 recurrent and fully connected weights (all Linear/Conv weights for the CNN) pruned in one shot
 to 90 % in 16×1 blocks (one-shot, no fine-tuning: the accuracy column shows what that alone
@@ -46,6 +48,7 @@ from compressor.blocks import BlockShape
 from compressor.packed_model import PackingConfig, pack_model
 from compressor.selection import CONV_TYPES, LINEAR_TYPES
 from compressor.zoo import RECURRENT_WEIGHTS, build_model
+from compressor.zoo.ds2 import DeepSpeech2
 from compressor.zoo.pretrained import load_pretrained
 
 SPARSITY = 0.9
@@ -74,11 +77,32 @@ def _cnn_groups() -> list[PruneGroup]:
     return [PruneGroup(OneShot(SPARSITY), types=LINEAR_TYPES + CONV_TYPES, block=BLOCK, exclude=r"^conv\.weight$")]
 
 
+class RecurrentStack(nn.Module):
+    """A DS2 without its convolutions: the features they would give, ``[batch, time, C·F]``, through
+    the recurrent layers, the FC layer and the output layer (the same modules and parameter names).
+    The convolutions are left dense by the pruning (as in the paper) and dominate the whole model's
+    time at batch 16; this model shows what the pruned part alone gains."""
+
+    def __init__(self, ds2: nn.Module) -> None:
+        super().__init__()
+        self.rnns, self.fc, self.out = ds2.rnns, ds2.fc, ds2.out
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.transpose(0, 1)
+        for rnn in self.rnns:
+            x = rnn(x)
+        return self.out(torch.clamp(self.fc(x), 0.0, 20.0)).transpose(0, 1)
+
+
 def specs(quick: bool) -> list[Spec]:
-    ds2 = Spec("ds2 (paper size, 7×1760)", lambda: build_model("ds2").eval(), (1, 1, 161, 100), _ds2_groups)
-    if quick:
-        ds2 = Spec("ds2 (3×1760)", lambda: build_model("ds2", layers=3).eval(), (1, 1, 161, 60), _ds2_groups)
-    return [ds2,
+    layers, frames = (3, 60) if quick else (7, 100)
+    name = "ds2 (3×1760)" if quick else "ds2 (paper size, 7×1760)"
+    ds2 = Spec(name, lambda: build_model("ds2", layers=layers).eval(), (1, 1, 161, frames), _ds2_groups)
+    features = build_model("ds2", layers=1).rnns[0].input.in_features
+    stack = Spec(f"{name.removesuffix(')')}, recurrent layers only)",
+                 lambda: RecurrentStack(build_model("ds2", layers=layers)).eval(),
+                 (1, DeepSpeech2.output_lengths(torch.tensor(frames)).item(), features), _ds2_groups)
+    return [ds2, stack,
             Spec("ds2-mini (digits)", lambda: load_pretrained("ds2-mini-digits"), (1, 1, 64, 120), _ds2_groups,
                  "speech-digits"),
             Spec("resnet8 (fashion-mnist)", lambda: load_pretrained("resnet8-fashion-mnist"), (1, 1, 28, 28), _cnn_groups,

@@ -65,3 +65,18 @@ def test_tables_show_the_task_metric():
     assert [r[-1] for r in rows if r[0] == "ds2-mini (digits)"] == ["cer 1.37%"] * 4 + ["cer 79.70%"] * 2
     assert "- ds2-mini (digits) (200 speech-digits test examples): pytorch eager sparse fp32 cer 79.40%" in \
         to_markdown(result)
+
+
+def test_recurrent_stack_is_ds2_after_its_convolutions():
+    import torch
+
+    from bench.end_to_end import RecurrentStack
+    from compressor.zoo import build_model
+
+    model = build_model("ds2", n_freq=32, hidden=48, layers=2).eval()
+    x = torch.randn(2, 1, 32, 20)
+    with torch.no_grad():
+        features = model.conv(x).flatten(1, 2).transpose(1, 2)  # [batch, time', C·F']
+        assert torch.allclose(RecurrentStack(model)(features), model(x), atol=1e-6)
+    [stack] = [s for s in specs(quick=True) if "recurrent layers only" in s.name]
+    assert stack.input_shape == (1, 30, 32 * 41)  # DS2's 60 frames after the convolutions
