@@ -153,14 +153,15 @@ class MatmulRewriter(PyExprMutator):
         weight = self.weights.get(name)
         if tuple(weight.shape) != shape.weight_shape:
             return call
+        if takes_direct(weight):
+            out, kernel_name, moved = emit_direct_conv(self.builder_, self._add_kernel, call.args[0], shape, weight,
+                                                       call.ty)
+            self.uses.append(KernelUse(name, kernel_name, _format_tag(weight), weight.dtype, moved))
+            return out
         if shape.symbolic:  # bytes of one row, as for the matmuls of a run-time row count
             out, kernel = emit_conv_dyn(self.builder_, self._add_kernel, call.args[0], shape, weight, call.ty,
                                         "conv_pieces_" + re.sub(r"\W", "_", name))
             self.uses.append(KernelUse(name, kernel.name, _format_tag(weight), weight.dtype, kernel.bytes_moved_for(1)))
-            return out
-        if takes_direct(shape, weight):
-            out, kernel_name, moved = emit_direct_conv(self.builder_, self._add_kernel, call.args[0], shape, weight)
-            self.uses.append(KernelUse(name, kernel_name, _format_tag(weight), weight.dtype, moved))
             return out
         out, calls = emit_conv(self.builder_, self._add_kernel, call.args[0], shape, weight)
         self.uses.append(KernelUse(name, calls[0][0].name, _format_tag(weight), weight.dtype,

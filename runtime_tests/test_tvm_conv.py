@@ -156,17 +156,20 @@ def test_grouped_convs_are_left_to_tvm_and_correct():
 
 def test_symbolic_sizes_one_library_for_every_size(monkeypatch):
     """Image height and width and signal length as run-time sizes: every convolution runs our
-    kernels (none is left to TVM), in pieces of 16 rows here (5,000 and more for the largest
-    image, which a chain of calls one inside the other would overflow the VM's stack with)."""
+    kernels (none is left to TVM).  Sparse weights: im2col in pieces of 16 rows here (5,000 and
+    more for the largest image, which a chain of calls one inside the other would overflow the
+    VM's stack with) and the matmul kernels of any row count; dense ones: the direct convolution,
+    also on rows narrower than its tile (outputs 2 to 6 wide)."""
     monkeypatch.setattr(tvm_conv, "CHUNK_BYTES", 3000)
     torch.manual_seed(0)
     model = Convs()
-    for kind in ("dense-fp32", "bsr4x4-int8"):
+    for kind in ("dense-fp32", "dense-int8", "bsr4x4-int8"):
         exported, reference = build(model, kind)
         relax_model = to_relax(exported, (torch.randn(2, 3, 17, 13), torch.randn(2, 3, 17)), {0: [2, 3], 1: [2]})
         assert "R.nn.conv" not in relax_model.mod["main"].script()  # no convolution left to TVM
         assert {use.weight for use in relax_model.kernels} == conv_weights(model) and relax_model.left_dense == []
-        assert all("_bdyn_" in use.kernel for use in relax_model.kernels)  # the matmul kernels of any row count
+        expected_kernel = "direct_conv_" if kind in DIRECT_KINDS else "_bdyn_"
+        assert all(expected_kernel in use.kernel for use in relax_model.kernels)
         vm = compile_host(relax_model.mod)
         for (h, w), length in (((17, 13), 17), ((14, 30), 11), ((25, 8), 40), ((300, 300), 9)):
             inputs = (torch.randn(2, 3, h, w), torch.randn(2, 3, length))
