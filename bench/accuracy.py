@@ -1,6 +1,6 @@
 """The accuracy experiments of Narang et al. (2017) on the offline speech tasks.
 
-    python -m bench.accuracy [--quick] [--task digits|sentences] [--out bench/results]
+    python -m bench.accuracy [--quick] [--task digits|sentences] [--threads N] [--resume] [--out bench/results]
 
 Three experiments, each starting from the same trained dense model (the shipped
 ``ds2-mini-digits`` or ``ds2-mini-sentences`` checkpoint) and fine-tuned for
@@ -20,9 +20,10 @@ the same number of steps with several seeds (mean and spread reported):
 
 Writes ``accuracy-<task>.json``, ``.md`` and ``.png``.  Every finished fine-tuning or training run
 is also written at once to ``accuracy-<task>.runs.json`` beside them (:class:`RunLog`): an
-interrupted benchmark started again with the same options skips the runs it already has, so the
-full size (hours on two cores) can be run in several sittings.  ``seconds`` in the result is the
-sum of the runs' own times, wherever they ran.
+interrupted benchmark started again with the same options and ``--resume`` skips the runs it
+already has, so the full size (hours on two cores) can be run in several sittings; without
+``--resume`` the log is started anew and every run is measured again.  ``seconds`` in the result
+is the sum of the runs' own times, wherever they ran.
 """
 
 from __future__ import annotations
@@ -287,10 +288,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (1 on a machine shared with other work: 2 threads then spin and crawl)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs logged by an earlier, interrupted run with the same options")
     args = parser.parse_args()
     size = sized(QUICK if args.quick else FULL, args.task)
     stem = f"accuracy-speech-{args.task}" + ("-quick" if args.quick else "")
-    log = RunLog(args.out / f"{stem}.runs.json")
+    log_path = args.out / f"{stem}.runs.json"
+    if not args.resume:
+        log_path.unlink(missing_ok=True)
+    log = RunLog(log_path)
     result = run(size, not args.skip_large_sparse, args.quick, log, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
