@@ -493,8 +493,10 @@ def _sparse_rows_kernel(N: int, K: int, R: int, C: int, B: int, wdtype: str, ity
     once), ``C`` and ``B`` unrolled, ``U`` accumulators over the stored blocks:
     ``acc[u, b, 0:R] += values[j, γ, 0:R] · xt[indices[j]·C + γ, b]`` with ``xt[k, b] = x[b, k]``
     (zero-padded to ``⌈K/C⌉·C``) broadcast from memory.  The blocks are taken ``G`` at a time (a
-    multiple of ``U`` whose values span a cache line: 4 blocks for int8 16×1 at ``U = 1``), each
-    step prefetching its values :data:`PREFETCH_BYTES` ahead.  At batch 1 ``xt`` is ``x`` itself
+    multiple of ``U`` whose values span a cache line: 4 blocks for int8 16×1 at ``U = 1``, 64 for
+    int8 CSR at ``U = 8``), each step prefetching its values :data:`PREFETCH_BYTES` ahead; the
+    blocks left over are taken ``U`` at a time, still into ``U`` accumulators (a short row —
+    28 values in a GRU of 256 at 90 % — would otherwise be one dependency chain).  At batch 1 ``xt`` is ``x`` itself
     (copied only to pad); a larger batch is transposed once per call (:func:`_transpose_x`), so
     that the ``B`` values of a block column share a cache line where ``x[:, k]`` spans ``B``, and
     the ``xt`` line of the block :data:`X_PREFETCH_BLOCKS` ahead is prefetched into L1 (``xt``
@@ -608,7 +610,11 @@ def rows_block_row(N: int, R: int, C: int, B: int, wdtype: str, scaled: bool) ->
                 if B > 1:
                     prefetch_x(xt_flat, indices, lo + jo * G + g, nnzb)
                 block(acc0, acc1, g % U, lo + jo * G + g, data, indices, xt)
-        for jr in range(lo + (hi - lo) // G * G, hi):
+        rest = T.bind(lo + (hi - lo) // G * G)  # fewer than G blocks left: U at a time, then one by one
+        for jo in range((hi - rest) // U):
+            for u in T.unroll(U):
+                block(acc0, acc1, u, rest + jo * U + u, data, indices, xt)
+        for jr in range(rest + (hi - rest) // U * U, hi):
             block(acc0, acc1, 0, jr, data, indices, xt)
         on_halves(store, acc0, acc1, y, scale, i, row0, rows)
 

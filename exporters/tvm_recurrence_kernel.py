@@ -69,16 +69,18 @@ def _cell_update(cell: str, transposed: bool):
             h[0] = h_buf[cur, unit, b]
         else:
             h[0] = h_buf[cur, b, unit]
+        # T.bind: let-bound values (a plain assignment would be a mutable scalar: a heap
+        # workspace allocation in every parallel task)
         if cell == "gru":
-            r = T.sigmoid(gi[tt, b, unit] + gate[0])
-            z = T.sigmoid(gi[tt, b, hidden + unit] + gate[1])
-            n = T.tanh(gi[tt, b, 2 * hidden + unit] + r * gate[2])
+            r = T.bind(T.sigmoid(gi[tt, b, unit] + gate[0]))
+            z = T.bind(T.sigmoid(gi[tt, b, hidden + unit] + gate[1]))
+            n = T.bind(T.tanh(gi[tt, b, 2 * hidden + unit] + r * gate[2]))
             h[1] = (T.float32(1) - z) * n + z * h[0]
         elif cell == "lstm":
-            i = T.sigmoid(gi[tt, b, unit] + gate[0])
-            f = T.sigmoid(gi[tt, b, hidden + unit] + gate[1])
-            g = T.tanh(gi[tt, b, 2 * hidden + unit] + gate[2])
-            o = T.sigmoid(gi[tt, b, 3 * hidden + unit] + gate[3])
+            i = T.bind(T.sigmoid(gi[tt, b, unit] + gate[0]))
+            f = T.bind(T.sigmoid(gi[tt, b, hidden + unit] + gate[1]))
+            g = T.bind(T.tanh(gi[tt, b, 2 * hidden + unit] + gate[2]))
+            o = T.bind(T.sigmoid(gi[tt, b, 3 * hidden + unit] + gate[3]))
             c_buf[b, unit] = f * c_buf[b, unit] + i * g
             h[1] = o * T.tanh(c_buf[b, unit])
         elif cell == "rnn_tanh":
