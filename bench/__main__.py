@@ -1,11 +1,13 @@
 """Run every benchmark, then write the results page (``docs/results.md`` and ``docs/results.json``).
 
-    python -m bench [--quick] [--only NAME ...] [--skip NAME ...] [--page-only] [--results DIR] [--docs DIR]
+    python -m bench [--quick] [--resume] [--only NAME ...] [--skip NAME ...] [--page-only] [--results DIR] [--docs DIR]
 
 Each benchmark runs in its own process (``python -m bench.NAME [--quick] --out DIR``), its output
 streamed, in a fixed order, fastest first; one that fails is reported and the others still run;
-the exit status is non-zero if any failed.  ``--page-only`` runs nothing and rebuilds the page from
-the JSON already in ``--results``.
+the exit status is non-zero if any failed.  ``--resume`` is passed on to the benchmarks that offer
+it (``bench.accuracy``: runs logged by an interrupted run are kept), so a full run of several hours
+can be stopped and continued.  ``--page-only`` runs nothing and rebuilds the page from the JSON
+already in ``--results``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class Benchmark:
     name: str
     quick_args: tuple[str, ...] = ("--quick",)
     full_args: tuple[str, ...] = ()
-    per_task: bool = False  # run once per ``--task`` choice when the module's --help lists the option
+    tasks: tuple[str, ...] = ()  # run once per task (``--task T``) when the module's --help lists the option
+    quick_tasks: tuple[str, ...] | None = None  # the tasks of a quick run; None: the same as ``tasks``
     package: str = "bench"
 
     @property
@@ -41,9 +44,10 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("onnx_latency"),
     Benchmark("end_to_end"),
     Benchmark("taylor"),
-    Benchmark("accuracy", quick_args=("--quick", "--skip-large-sparse"), per_task=True),
+    # sentences only in the full run: its quick run alone takes over an hour on 2 cores
+    Benchmark("accuracy", quick_args=("--quick", "--skip-large-sparse"), tasks=("digits", "sentences"),
+              quick_tasks=("digits",)),
 )
-TASK_CHOICES = ("digits", "sentences")  # bench.accuracy --task, once it offers the option
 
 
 @dataclass(frozen=True)
@@ -61,18 +65,21 @@ class Outcome:
     seconds: float
 
 
-def lists_task_option(module: str) -> bool:
-    """Whether ``python -m module --help`` offers ``--task`` (checked at run time)."""
-    shown = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                           check=False)
-    return "--task" in shown.stdout
+def help_text(module: str) -> str:
+    """What ``python -m module --help`` prints (options are checked at run time)."""
+    return subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          check=False).stdout
 
 
-def make_jobs(benchmarks: tuple[Benchmark, ...], quick: bool, results: Path) -> list[Job]:
+def make_jobs(benchmarks: tuple[Benchmark, ...], quick: bool, results: Path, resume: bool = False) -> list[Job]:
     jobs = []
     for benchmark in benchmarks:
         args = (benchmark.quick_args if quick else benchmark.full_args) + ("--out", str(results))
-        tasks = TASK_CHOICES if benchmark.per_task and lists_task_option(benchmark.module) else (None,)
+        offered = help_text(benchmark.module) if benchmark.tasks or resume else ""
+        if resume and "--resume" in offered:
+            args += ("--resume",)
+        chosen = benchmark.tasks if not quick or benchmark.quick_tasks is None else benchmark.quick_tasks
+        tasks = chosen if chosen and "--task" in offered else (None,)
         for task in tasks:
             extra = ("--task", task) if task else ()
             jobs.append(Job(f"{benchmark.name} {task}" if task else benchmark.name,
@@ -113,6 +120,8 @@ def report(outcomes: list[Outcome]) -> list[Outcome]:
 def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="quick runs (minutes each) and the quick page")
+    parser.add_argument("--resume", action="store_true",
+                        help="pass --resume to the benchmarks that offer it: keep what an interrupted run measured")
     parser.add_argument("--only", nargs="+", choices=names, metavar="NAME", help=f"run only these: {', '.join(names)}")
     parser.add_argument("--skip", nargs="+", choices=names, default=[], metavar="NAME", help="do not run these")
     parser.add_argument("--page-only", action="store_true", help="run nothing; rebuild the page from --results")
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None, benchmarks: tuple[Benchmark, ...] = BENC
     failed = []
     if not args.page_only:
         chosen = tuple(b for b in benchmarks if b.name in (args.only or [b.name]) and b.name not in args.skip)
-        failed = report(run_jobs(make_jobs(chosen, args.quick, args.results.resolve())))
+        failed = report(run_jobs(make_jobs(chosen, args.quick, args.results.resolve(), args.resume)))
     markdown, data = write_page(args.results, args.docs, args.quick)
     print(f"wrote {markdown} and {data}")
     return 1 if failed else 0

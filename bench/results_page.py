@@ -556,8 +556,9 @@ def section_markdown(number: int, section: Section, results: Path, docs: Path) -
 
 def page_markdown(sections: list[Section], quick: bool, machine: dict, results: Path, docs: Path) -> str:
     flag = " --quick" if quick else ""
-    intro = ("One command runs every benchmark and rewrites this page: `python -m bench --quick` (minutes: small "
-             "grids, few steps) or `python -m bench` (the published numbers: hours); "
+    intro = ("One command runs every benchmark and rewrites this page: `python -m bench --quick` (under an hour on "
+             "2 cores: small grids, few steps) or `python -m bench` (the published numbers: many hours; an "
+             "interrupted run goes on with `python -m bench --resume`); "
              f"`python -m bench{flag} --page-only` rebuilds it from the JSON already in `bench/results/`. "
              "Every number in the tables is read from the benchmark JSON named under its section, measured by "
              "that run on the machine described there. The papers' numbers appear only in the columns whose "

@@ -294,7 +294,7 @@ def test_page_only_from_the_command_line(tmp_path):
 FAKE = {"boom": "import sys\nprint('boom starts')\nsys.exit(3)\n",
         "fine": "import sys\nfrom pathlib import Path\nout = Path(sys.argv[sys.argv.index('--out') + 1])\n"
                 "out.mkdir(exist_ok=True)\n(out / 'fine.txt').write_text(' '.join(sys.argv[1:]))\n",
-        "tasky": "import sys\nprint('usage: tasky [--quick] [--task {digits,sentences}]')\n"}
+        "tasky": "import sys\nprint('usage: tasky [--quick] [--resume] [--task {digits,sentences}]')\n"}
 FAKES = (Benchmark("boom", package="fakebench"), Benchmark("fine", package="fakebench"))
 
 
@@ -328,9 +328,21 @@ def test_runner_only_and_skip(fakebench):
 
 
 def test_runner_runs_each_task_when_the_module_offers_task(fakebench):
-    jobs = make_jobs((Benchmark("tasky", package="fakebench", per_task=True),
-                      Benchmark("fine", package="fakebench", per_task=True)), quick=True, results=Path("r"))
+    benchmarks = (Benchmark("tasky", package="fakebench", tasks=("digits", "sentences"), quick_tasks=("digits",)),
+                  Benchmark("fine", package="fakebench", tasks=("digits", "sentences")))
+    jobs = make_jobs(benchmarks, quick=False, results=Path("r"))
     assert [(j.name, j.command[2:]) for j in jobs] == [
+        ("tasky digits", ("fakebench.tasky", "--out", "r", "--task", "digits")),
+        ("tasky sentences", ("fakebench.tasky", "--out", "r", "--task", "sentences")),
+        ("fine", ("fakebench.fine", "--out", "r"))]
+    quick = make_jobs(benchmarks, quick=True, results=Path("r"))
+    assert [(j.name, j.command[2:]) for j in quick] == [
         ("tasky digits", ("fakebench.tasky", "--quick", "--out", "r", "--task", "digits")),
-        ("tasky sentences", ("fakebench.tasky", "--quick", "--out", "r", "--task", "sentences")),
         ("fine", ("fakebench.fine", "--quick", "--out", "r"))]
+
+
+def test_runner_passes_resume_only_where_offered(fakebench):
+    jobs = make_jobs((Benchmark("tasky", package="fakebench"), Benchmark("fine", package="fakebench")),
+                     quick=False, results=Path("r"), resume=True)
+    assert [j.command[2:] for j in jobs] == [("fakebench.tasky", "--out", "r", "--resume"),
+                                            ("fakebench.fine", "--out", "r")]
