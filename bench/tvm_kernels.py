@@ -5,7 +5,9 @@
 For each weight ``N×N`` (1760, 2560, 3072), sparsity (80 / 90 / 95 %) and batch (1, 16), one
 process times ``y = x·Wᵀ`` with the same thread count in: numpy (OpenBLAS), torch, ONNX Runtime
 fp32 MatMul and int8 (``quantize_dynamic``), our scheduled TVM dense kernel (fp32, int8) and our
-TVM sparse kernels (CSR, BSR 16×1, 8×8, 4×4, 1×16; fp32 and int8).  Weights are block-pruned
+TVM sparse kernels (CSR, BSR 16×1, 8×8, 4×4, 1×16; fp32 and int8 weights on fp32 activations)
+and, on a CPU with AVX-512 VNNI, the BSR 16×1 kernel with int8 activations ("tvm bsr16x1 vnni":
+the input quantized at every call, integer products, :mod:`exporters.tvm_vnni_kernel`).  Weights are block-pruned
 at random to exactly the sparsity (Narang et al. 2017 pruned 1760–3072-wide RNN layers and
 reported 3–7× sparse speedups on GPU/CPU libraries).
 
@@ -45,6 +47,7 @@ from compressor.blocks import BlockShape
 from compressor.packing import PackedWeight, pack
 from exporters.tvm_kernels import KernelCall, matmul_kernel
 from exporters.tvm_targets import compile_target
+from exporters.tvm_vnni_kernel import takes_int8_activations, target_has_vnni, vnni_matmul_call
 
 FLUSH_BYTES = 2 * 64 * 2**20  # twice a generous last-level cache
 SPARSE_LAYOUTS: dict[str, tuple[str, BlockShape]] = {
@@ -171,6 +174,9 @@ def measure_case(size: int, sparsity: float, batch: int, layouts: list[str], thr
             packed: PackedWeight = pack(weight, fmt, block, dtype)
             call = matmul_kernel(packed, batch)
             add(f"tvm {layout}", f"sparse {dtype}", time_tvm(call, x, target, repeats), call.bytes_moved)
+        if takes_int8_activations(packed) and target_has_vnni(target):
+            call = vnni_matmul_call(packed, batch)
+            add(f"tvm {layout} vnni", "sparse int8", time_tvm(call, x, target, repeats), call.bytes_moved)
     best_dense = {dtype: min(r["latency_ms"] for r in rows if r["kind"] == f"dense {dtype}" and r["backend"] != "tvm dense")
                   for dtype in ("fp32", "int8")}
     best_fp32_baseline = min(r["latency_ms"] for r in rows if r["kind"] == "dense fp32")

@@ -31,6 +31,7 @@ from compressor.packed_model import PackedModel
 
 from .tvm_rewrite import KernelUse, to_relax
 from .tvm_targets import compile_target
+from .tvm_vnni_kernel import FEATURE, target_has_vnni
 
 
 @dataclass(frozen=True)
@@ -55,17 +56,23 @@ class TvmArtifact:
 
 
 def export_tvm(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tensor], path: str | Path,
-               target: str = "host", dynamic_axes: dict[int, Sequence[int]] | None = None) -> TvmArtifact:
+               target: str = "host", dynamic_axes: dict[int, Sequence[int]] | None = None,
+               activations: str = "fp32") -> TvmArtifact:
     """Compile ``model`` for ``target`` ("host", "aarch64-linux" or "android") into ``path``.
 
     The suffix of ``path`` is replaced by the target's: ``.so``, or ``.tar`` (objects to link)
     for Android without an NDK.  ``dynamic_axes`` (``{input index: [axes]}``) makes those axes
     run-time sizes, e.g. ``{0: [3]}`` for the time axis of a spectrogram
-    (:func:`~exporters.tvm_rewrite.to_relax`)."""
+    (:func:`~exporters.tvm_rewrite.to_relax`).  ``activations="int8"`` quantizes the input of
+    every matmul over a 16×1-block int8 weight at run time and multiplies in integers
+    (:mod:`exporters.tvm_vnni_kernel`; x86 targets with AVX-512 VNNI only)."""
     compiled_for = compile_target(target)
+    if activations == "int8" and not target_has_vnni(compiled_for.target):
+        raise ValueError(f"activations='int8' needs an x86 CPU with AVX-512 VNNI ({FEATURE}); target {target!r} "
+                         f"({compiled_for.target}) has none: export with activations='fp32'")
     inputs = tuple(example_inputs)
     start = time.perf_counter()
-    relax_model = to_relax(model, inputs, dynamic_axes)
+    relax_model = to_relax(model, inputs, dynamic_axes, activations)
     executable = tvm.compile(relax_model.mod, target=compiled_for.target)
     path = Path(path).with_suffix(compiled_for.suffix)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from .tvm_conv import conv_shape, emit_conv, emit_conv_dyn
 from .tvm_direct_conv import emit_direct_conv, takes_direct
 from .tvm_kernels import matmul_kernel
 from .tvm_recurrence_kernel import recurrence_kernel
+from .tvm_vnni_kernel import MIN_ROWS, takes_int8_activations, vnni_matmul_call
 
 #: Up to this many rows a matmul gets a kernel specialized on its row count (batch-vectorized
 #: matrix-vector products); more rows — the input projection of every time step at once — get the
@@ -106,9 +107,10 @@ class MatmulRewriter(PyExprMutator):
     ``conv1d`` / ``conv2d`` over a parameter (groups 1) by our kernels."""
 
     def __init__(self, mod: tvm.IRModule, param_names: dict[str, str], weights: _Weights, uses: list[KernelUse],
-                 kernels: dict[str, relax.GlobalVar]) -> None:
+                 kernels: dict[str, relax.GlobalVar], activations: str = "fp32") -> None:
         super().__init__(mod)
         self.param_names, self.weights, self.uses, self.kernels = param_names, weights, uses, kernels
+        self.activations = activations
         self.bindings: dict[relax.Var, relax.Expr] = {}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -187,7 +189,11 @@ class MatmulRewriter(PyExprMutator):
             return call
         rows = _product(x_dims[:-1])
         static_rows = int(rows) if isinstance(rows, tvm.tirx.IntImm) else None
-        kernel = matmul_kernel(weight, static_rows if static_rows is not None and static_rows <= MAX_STATIC_ROWS else None)
+        batch = static_rows if static_rows is not None and static_rows <= MAX_STATIC_ROWS else None
+        if self.activations == "int8" and takes_int8_activations(weight) and (batch is None or batch >= MIN_ROWS):
+            kernel = vnni_matmul_call(weight, batch)
+        else:
+            kernel = matmul_kernel(weight, batch)
         if kernel.name not in self.kernels:
             self.kernels[kernel.name] = self.builder_.add_func(kernel.func, kernel.name)
         self.uses.append(KernelUse(name, kernel.name, _format_tag(weight), weight.dtype,
@@ -257,14 +263,22 @@ def _recurrence_converter(param_names: dict[str, str], weights: _Weights, uses: 
 
 
 def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tensor],
-             dynamic_axes: dict[int, Sequence[int]] | None = None) -> RelaxModel:
+             dynamic_axes: dict[int, Sequence[int]] | None = None, activations: str = "fp32") -> RelaxModel:
     """The model as a Relax module with every matmul over a weight and every recurrent loop
     running our kernels over the packed weights (see the module docstring).
 
     ``dynamic_axes`` (``{input index: [axes]}``, e.g. ``{0: [3]}`` for the time axis of a
     spectrogram) makes those axes run-time sizes (``torch.export`` with ``Dim.AUTO``); the
     batch axis of recurrent layers stays static.  Matmuls then use the kernels whose row count is
-    a run-time value; convolutions with symbolic spatial sizes loop over their pieces at run time."""
+    a run-time value; convolutions with symbolic spatial sizes loop over their pieces at run time.
+
+    ``activations="int8"`` gives the matmuls over 16×1-block int8 weights (linear layers and the
+    input projections of recurrent layers) with at least ``MIN_ROWS`` rows (8), or a run-time row
+    count, the integer kernel of :mod:`exporters.tvm_vnni_kernel`,
+    which quantizes its input at every call (x86 with AVX-512 VNNI only); every other operator
+    keeps fp32 activations."""
+    if activations not in ("fp32", "int8"):
+        raise ValueError(f"unknown activations {activations!r}: use fp32 or int8")
     module, packed = (model.module, model.weights) if isinstance(model, PackedModel) else (model, {})
     if any(hasattr(m, "parametrizations") for m in module.modules()):
         raise ValueError("the model still has pruning masks attached: call pruner.finalize() before exporting")
@@ -281,7 +295,7 @@ def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tens
     mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True,
                                 custom_convert_map={"recurrence.default": _recurrence_converter(param_names, weights, uses)})
     mod, params = relax.frontend.detach_params(mod)
-    rewriter = MatmulRewriter(mod, param_names, weights, uses, {})
+    rewriter = MatmulRewriter(mod, param_names, weights, uses, {}, activations)
     for global_var, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(global_var, rewriter.visit_expr(func))
