@@ -9,7 +9,8 @@ convolutions take most of the whole model's time at batch 16), the trained ``ds2
 (digits; CER) and the trained ResNet-8 (Fashion-MNIST; accuracy).  Sparse variants: the
 recurrent and fully connected weights (all Linear/Conv weights for the CNN) pruned in one shot
 to 90 % in 16×1 blocks (one-shot, no fine-tuning: the accuracy column shows what that alone
-costs), packed BSR 16×1, fp32 or int8.  Dense baselines: PyTorch eager, ONNX Runtime fp32 and
+costs), packed BSR 16×1, fp32 or int8, and on a CPU with AVX-512 VNNI int8 with int8
+activations as well (``export_tvm(activations="int8")``).  Dense baselines: PyTorch eager, ONNX Runtime fp32 and
 int8 (``quantize_dynamic``, MatMul/Gemm only: ConvInteger is slower than fp32 Conv) of the
 *dense* model, and TVM with our scheduled dense kernels.  Latency: median over repeats after a
 warm-up, same thread count everywhere, batch 1 and 16, all in one process.
@@ -138,6 +139,19 @@ def prepare(spec: Spec) -> tuple[nn.Module, nn.Module, dict, torch.Tensor]:
     return dense, sparse, packed, example
 
 
+def tvm_variants(dense: nn.Module, packed: dict) -> list[tuple[str, object, str]]:
+    """(row name, model, activations) of every TVM artifact: dense fp32, sparse fp32 and int8, and
+    on a CPU with AVX-512 VNNI sparse int8 with int8 activations (:mod:`exporters.tvm_vnni_kernel`)."""
+    from exporters.tvm_kernels import host_target
+    from exporters.tvm_vnni_kernel import target_has_vnni
+
+    variants = [("tvm dense fp32", dense, "fp32"), ("tvm sparse fp32", packed["fp32"], "fp32"),
+                ("tvm sparse int8", packed["int8"], "fp32")]
+    if target_has_vnni(host_target()):
+        variants.append(("tvm sparse int8, int8 activations", packed["int8"], "int8"))
+    return variants
+
+
 def measure_model(spec: Spec, batches: list[int], threads: int, repeats: int, directory: Path, progress: bool) -> dict:
     import tvm
 
@@ -168,9 +182,10 @@ def measure_model(spec: Spec, batches: list[int], threads: int, repeats: int, di
             sess = session(path, threads)
             feeds = {sess.get_inputs()[0].name: x.numpy()}
             row(name)["latency_ms"][batch] = _median_ms(lambda s=sess, f=feeds: s.run(None, f), repeats)
-        for name, model in (("tvm dense fp32", dense), ("tvm sparse fp32", packed["fp32"]), ("tvm sparse int8", packed["int8"])):
+        for name, model, activations in tvm_variants(dense, packed):
             start = time.perf_counter()
-            artifact = export_tvm(model, (x,), directory / f"{spec.name}-{name}-b{batch}.so".replace(" ", "_"))
+            artifact = export_tvm(model, (x,), directory / f"{spec.name}-{name}-b{batch}.so".replace(" ", "_")
+                                  .replace(",", ""), activations=activations)
             entry = row(name)
             entry.setdefault("compile_s", {})[batch] = time.perf_counter() - start
             entry["size_bytes"] = artifact.size_bytes
@@ -222,16 +237,16 @@ def measure_accuracy(spec: Spec, eval_limit: int | None, threads: int, directory
     onnx_fp32 = export_onnx(dense, (example,), work / "dense.onnx", dynamic_axes=onnx_axes).path
     onnx_int8 = quantize_int8(onnx_fp32, work / "dense.int8.onnx", op_types=["MatMul", "Gemm"])
 
-    def tvm(model, name: str) -> nn.Module:
-        artifact = export_tvm(model, (example,), work / f"{name}.so", dynamic_axes=tvm_axes)
+    def tvm(model, name: str, activations: str) -> nn.Module:
+        artifact = export_tvm(model, (example,), work / f"{name}.so".replace(" ", "-").replace(",", ""),
+                              dynamic_axes=tvm_axes, activations=activations)
         return TvmModule(artifact.path, example.shape[0], **methods)
 
     backends = {"pytorch eager dense": lambda: dense,
                 "onnx runtime fp32 dense": lambda: OnnxModule(onnx_fp32, threads, **methods),
                 "onnx runtime int8 dense": lambda: OnnxModule(onnx_int8, threads, **methods),
-                "tvm dense fp32": lambda: tvm(dense, "tvm-dense-fp32"),
-                "tvm sparse fp32": lambda: tvm(packed["fp32"], "tvm-sparse-fp32"),
-                "tvm sparse int8": lambda: tvm(packed["int8"], "tvm-sparse-int8")}
+                **{name: (lambda m=model, n=name, a=activations: tvm(m, n, a))
+                   for name, model, activations in tvm_variants(dense, packed)}}
     references = {"pytorch eager sparse fp32": lambda: sparse,
                   "pytorch eager sparse int8 (stored weights)": lambda: packed["int8"].dequantized()}
     rows, reference = {}, {}
