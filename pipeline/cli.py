@@ -29,6 +29,8 @@ RUN_OPTIONS = [
     click.option("--format", "formats", type=click.Choice(["onnx", "tvm", "both"]), help="Artifacts to export."),
     click.option("--target", "targets", multiple=True, help="TVM target: host, aarch64-linux or android (repeatable)."),
     click.option("--int8/--fp32", "int8", default=None, help="Quantize the packed weights to int8 (default: the recipe's)."),
+    click.option("--activations", type=click.Choice(["fp32", "int8"]),
+                 help="int8: the TVM library quantizes the inputs of 16x1-block int8 matmuls at run time (x86 VNNI)."),
     click.option("--sparsity", type=float, help="Final sparsity of the pruned weights, in [0, 1)."),
     click.option("--block", help="Block shape of the pruning and packing, e.g. 16x1 (1x1: unstructured)."),
     click.option("--method", type=click.Choice(["gradual", "cubic", "hard", "taylor", "none"]), help="Pruning method."),
@@ -98,6 +100,7 @@ def build_recipe(recipe: str | None, **options):
         "export__formats": formats,
         "export__targets": list(options["targets"]) if options.get("targets") else None,
         "export__device": options.get("device"),
+        "export__activations": options.get("activations"),
         "pack__int8": options.get("int8"),
         "prune__sparsity": options.get("sparsity"),
         "prune__block": options.get("block"),
@@ -242,7 +245,8 @@ def export(checkpoint, out, quiet, debug, recipe, **options) -> None:
                 written.append(("onnx", stages.export_onnx_artifact(model, inputs, work, built.pack.int8, axes)))
             if "tvm" in built.export.formats:
                 for target in built.export.targets:
-                    written.append((f"tvm {target}", stages.export_tvm_artifact(packed, inputs, work, target)))
+                    written.append((f"tvm {target}", stages.export_tvm_artifact(packed, inputs, work, target,
+                                                                                 activations=built.export.activations)))
         for name, artifact in written:
             click.echo(f"{name}: {folder.final(artifact['path'])} ({artifact['size_bytes']} bytes)")
 

@@ -40,6 +40,7 @@ optional; the defaults are the embedded default job (``recipes/default.toml``)::
     formats = ["onnx", "tvm"]
     targets = ["host"]                # host | aarch64-linux | android
     device = ""                       # rpc://host:port or tracker://host:port/key: time the TVM library there
+    activations = "fp32"              # fp32 | int8: TVM quantizes the inputs of 16x1-block int8 matmuls (x86 VNNI)
 
     [check]
     batches = [1]                     # latency batch sizes
@@ -116,6 +117,7 @@ class ExportSection:
     formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
     targets: list[str] = field(default_factory=lambda: ["host"])
     device: str = ""
+    activations: str = "fp32"
 
 
 @dataclass
@@ -230,11 +232,23 @@ def validate(recipe: Recipe) -> None:
     bad = [f for f in recipe.export.formats if f not in EXPORT_FORMATS]
     if bad or not recipe.export.formats:
         raise RecipeError(f"[export] formats = {recipe.export.formats!r}: use onnx, tvm or both")
+    if recipe.export.activations not in ("fp32", "int8"):
+        raise RecipeError(f"[export] activations = {recipe.export.activations!r}: use fp32 or int8")
+    if recipe.export.activations == "int8" and not recipe.pack.int8:
+        raise RecipeError("[export] activations = 'int8' needs int8 weights: set [pack] int8 = true")
     from exporters.tvm_targets import TARGET_NAMES
 
     bad = [t for t in recipe.export.targets if t not in TARGET_NAMES]
     if bad:
         raise RecipeError(f"unknown target {bad[0]!r}: use one of {', '.join(TARGET_NAMES)}")
+    if recipe.export.activations == "int8" and "tvm" in recipe.export.formats:
+        from exporters.tvm_targets import compile_target
+        from exporters.tvm_vnni_kernel import target_has_vnni
+
+        lacking = [t for t in recipe.export.targets if not target_has_vnni(compile_target(t).target)]
+        if lacking:
+            raise RecipeError(f"[export] activations = 'int8' needs an x86 CPU with AVX-512 VNNI; target "
+                              f"{lacking[0]!r} has none: set activations = 'fp32' or drop that target")
     if any(not isinstance(b, int) or b < 1 for b in recipe.check.batches) or recipe.check.threads < 1:
         raise RecipeError("[check] batches must be positive whole numbers and threads ≥ 1")
     if recipe.data.eval_limit < 1:

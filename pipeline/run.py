@@ -31,6 +31,7 @@ from .workspace import OutputFolder
 FP32_RTOL = 1e-4
 INT8_ONNX_RTOL = 6e-2  # ONNX Runtime's dynamic int8 quantizes activations too
 STORED_WEIGHTS_RTOL = 1e-4  # TVM's int8 kernels compute exactly with the stored weights
+INT8_ACTIVATIONS_RTOL = INT8_ONNX_RTOL  # TVM with [export] activations = "int8" quantizes them the same way
 
 
 class StageProgress:
@@ -144,8 +145,9 @@ def _run(recipe: Recipe, folder: OutputFolder, out: Path, progress: bool, checkp
             stage(f"export TVM ({target})")
             key = f"tvm {target}"
             axes = stages.tvm_dynamic_axes(getattr(task, "name", ""), len(inputs))
-            artifacts[key] = stages.export_tvm_artifact(packed, inputs, out, target, axes)
-            artifacts[key]["parity_tolerance"] = STORED_WEIGHTS_RTOL
+            artifacts[key] = stages.export_tvm_artifact(packed, inputs, out, target, axes, recipe.export.activations)
+            artifacts[key]["parity_tolerance"] = (INT8_ACTIVATIONS_RTOL if recipe.export.activations == "int8"
+                                                  else STORED_WEIGHTS_RTOL)
             if target == "host":
                 from runtime_tests.tvm_check import TvmModule, run_tvm
 
@@ -203,7 +205,8 @@ def _latencies(recipe: Recipe, pruned_model, dense_model, artifacts: dict, input
         if "tvm host" in artifacts:
             path = Path(artifacts["tvm host"]["path"])
             if batch != inputs[0].shape[0]:
-                path = export_tvm(packed, batch_inputs, out / "tvm-steps" / f"model-host-b{batch}.so").path
+                path = export_tvm(packed, batch_inputs, out / "tvm-steps" / f"model-host-b{batch}.so",
+                                  activations=recipe.export.activations).path
             row["tvm artifact"] = latency_ms(load_vm(path), arrays, tvm.cpu())
         result[str(batch)] = row
     if recipe.export.device and any(k.startswith("tvm") for k in artifacts):

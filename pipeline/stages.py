@@ -338,10 +338,11 @@ def tvm_dynamic_axes(task_name: str, n_inputs: int) -> dict[int, list[int]] | No
 
 
 def export_tvm_artifact(packed: PackedModel, inputs: Sequence[torch.Tensor], out: Path, target: str,
-                        dynamic_axes: dict[int, list[int]] | None = None) -> dict[str, Any]:
+                        dynamic_axes: dict[int, list[int]] | None = None, activations: str = "fp32") -> dict[str, Any]:
     from exporters.tvm import export_tvm
 
-    artifact = export_tvm(packed, inputs, out / f"model-{target}.so", target=target, dynamic_axes=dynamic_axes)
+    artifact = export_tvm(packed, inputs, out / f"model-{target}.so", target=target, dynamic_axes=dynamic_axes,
+                          activations=activations)
     return {"path": str(artifact.path), "target": target, "size_bytes": artifact.size_bytes,
             "compile_seconds": artifact.compile_seconds, "kernels": [k.__dict__ for k in artifact.kernels],
             "left_dense": list(artifact.left_dense), "input_shapes": [list(s) for s in artifact.input_shapes]}

@@ -129,6 +129,12 @@ def test_recipes_parse_and_overrides_win(tmp_path):
         parse_recipe("[prune]\nsparsty = 0.8\n")
     with pytest.raises(RecipeError, match="not valid TOML"):
         parse_recipe("[prune\n")
+    with pytest.raises(RecipeError, match="activations = 'int4': use fp32 or int8"):
+        parse_recipe('[export]\nactivations = "int4"\n')
+    with pytest.raises(RecipeError, match="activations = 'int8' needs int8 weights: set \\[pack\\] int8 = true"):
+        parse_recipe('[pack]\nint8 = false\n[export]\nactivations = "int8"\n')
+    with pytest.raises(RecipeError, match="target 'aarch64-linux' has none: set activations = 'fp32'"):
+        parse_recipe('[export]\nactivations = "int8"\ntargets = ["aarch64-linux"]\n')
 
 
 def test_zoo_lists_models_checkpoints_and_recipes():
