@@ -1,6 +1,6 @@
 """The accuracy experiments of Narang et al. (2017) on the offline speech tasks.
 
-    python -m bench.accuracy [--quick] [--task digits|sentences] [--threads N] [--resume] [--out bench/results]
+    python -m bench.accuracy [--quick] [--task digits|sentences] [--threads N] [--jobs N] [--resume] [--out DIR]
 
 Three experiments, each starting from the same trained dense model (the shipped
 ``ds2-mini-digits`` or ``ds2-mini-sentences`` checkpoint) and fine-tuned for
@@ -22,17 +22,27 @@ Writes ``accuracy-<task>.json``, ``.md`` and ``.png``.  Every finished fine-tuni
 is also written at once to ``accuracy-<task>.runs.json`` beside them (:class:`RunLog`): an
 interrupted benchmark started again with the same options and ``--resume`` skips the runs it
 already has, so the full size (hours on two cores) can be run in several sittings; without
-``--resume`` the log is started anew and every run is measured again.  ``seconds`` in the result
-is the sum of the runs' own times, wherever they ran.
+``--resume`` the log is started anew and every run is measured again.  ``--jobs N`` runs N worker
+processes side by side on that log (each run claimed by one worker), then writes the report.
+``seconds`` in the result is the sum of the runs' own wall-clock times, wherever they ran, and
+``cpu_seconds`` the sum of their CPU times (pauses and a shared machine do not inflate it; runs
+logged before it was recorded are counted by their wall clock).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
+import hashlib
 import json
+import math
+import os
 import re
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,28 +58,78 @@ from compressor.zoo import RECURRENT_WEIGHTS, build_model
 from compressor.zoo.pretrained import RECIPES, load_pretrained
 
 
+PENDING = {"cer": math.nan, "wer": math.nan, "pending": True}
+"""What a worker's :meth:`RunLog.run` returns for a run another worker is busy with."""
+
+
 class RunLog:
     """Finished runs by key (``experiment/setting/seed``), kept in a JSON file rewritten (to a
-    temporary name, then renamed) after every run; with no path, in memory only."""
+    temporary name, then renamed) after every run; with no path, in memory only.
 
-    def __init__(self, path: Path | None = None) -> None:
+    Several processes may share one file (``python -m bench.accuracy --jobs N``): the file is
+    re-read and merged under an exclusive ``flock`` before each write, and with ``shared=True`` a
+    run is claimed by an ``flock`` on ``<log>.claims/<sha1 of key>`` for as long as it runs, so
+    two workers never run the same key; a worker skips a claimed key (returns :data:`PENDING`).
+    A claim dies with its process, so a killed worker leaves nothing stale behind."""
+
+    def __init__(self, path: Path | None = None, shared: bool = False) -> None:
+        if shared and path is None:
+            raise ValueError("a shared RunLog needs a path")
         self.path = path
-        self.runs: dict[str, dict] = json.loads(path.read_text()) if path is not None and path.exists() else {}
+        self.shared = shared
+        self.runs: dict[str, dict] = {}
+        self._reload()
+
+    def _reload(self) -> None:
+        if self.path is not None and self.path.exists():
+            self.runs.update(json.loads(self.path.read_text()))
+
+    @contextlib.contextmanager
+    def _locked(self, lock: Path, blocking: bool = True):
+        """Yields whether the exclusive ``flock`` on ``lock`` was taken (always, when blocking)."""
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def run(self, key: str, compute) -> dict:
-        """The logged result of ``key``, or ``compute()`` timed (``"seconds"``), logged and returned."""
+        """The logged result of ``key``, or ``compute()`` timed (``"seconds"`` of wall clock,
+        ``"cpu_seconds"`` of this process's CPU time: unlike wall clock, not inflated by a paused
+        or shared machine), logged and returned."""
+        self._reload()
         if key in self.runs:
-            print(f"  {key}: logged earlier in {self.path.name}, not run again", flush=True)
+            print(f"  {key}: logged earlier, not run again", flush=True)
             return self.runs[key]
-        started = time.time()
-        result = {**compute(), "seconds": round(time.time() - started, 1)}
+        if not self.shared:
+            return self._compute(key, compute)
+        claim = self.path.with_name(self.path.name + ".claims") / hashlib.sha1(key.encode()).hexdigest()
+        with self._locked(claim, blocking=False) as claimed:
+            if not claimed:
+                print(f"  {key}: another worker is running it", flush=True)
+                return PENDING
+            self._reload()  # it may have finished between the first look and the claim
+            return self.runs[key] if key in self.runs else self._compute(key, compute)
+
+    def _compute(self, key: str, compute) -> dict:
+        started, cpu_started = time.time(), time.process_time()
+        result = {**compute(), "seconds": round(time.time() - started, 1),
+                  "cpu_seconds": round(time.process_time() - cpu_started, 1)}
         self.runs[key] = result
         if self.path is None:
             return result
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.runs, indent=1) + "\n")
-        tmp.replace(self.path)
+        with self._locked(self.path.with_name(self.path.name + ".lock")):
+            self._reload()
+            self.runs[key] = result
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.runs, indent=1) + "\n")
+            tmp.replace(self.path)
         return result
 
 
@@ -275,6 +335,7 @@ def run(size: Size, with_large_sparse: bool, quick: bool, log: RunLog, threads: 
         result["large_sparse_vs_small_dense"] = large_sparse_vs_small_dense(
             task, size, RECIPES[checkpoint].config.steps, log)
     result["seconds"] = round(sum(r["seconds"] for r in log.runs.values()), 1)
+    result["cpu_seconds"] = round(sum(r.get("cpu_seconds", r["seconds"]) for r in log.runs.values()), 1)
     result["machine"] = machine_info(torch.get_num_threads())
     return result
 
@@ -290,19 +351,40 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs logged by an earlier, interrupted run with the same options")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes running different runs side by side (each with --threads "
+                             "threads), sharing the run log; then the report is written from it")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     size = sized(QUICK if args.quick else FULL, args.task)
     stem = f"accuracy-speech-{args.task}" + ("-quick" if args.quick else "")
     log_path = args.out / f"{stem}.runs.json"
-    if not args.resume:
+    if not args.resume and not args.worker:
         log_path.unlink(missing_ok=True)
-    log = RunLog(log_path)
-    result = run(size, not args.skip_large_sparse, args.quick, log, args.threads)
+    if args.worker:
+        run(size, not args.skip_large_sparse, args.quick, RunLog(log_path, shared=True), args.threads)
+        return
+    if args.jobs > 1:
+        run_workers(args.jobs)
+    result = run(size, not args.skip_large_sparse, args.quick, RunLog(log_path), args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(to_markdown(result))
     plot(result, args.out / f"{stem}.png")
     print(to_markdown(result))
+
+
+def run_workers(jobs: int) -> None:
+    """``jobs`` copies of this command as workers on one shared run log; returns when all are done
+    (runs a failed worker left undone are then run by the caller)."""
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    command = [sys.executable, "-m", "bench.accuracy", *argv, "--resume", "--worker"]
+    workers = [subprocess.Popen(command) for _ in range(jobs)]
+    codes = [w.wait() for w in workers]
+    if any(codes):
+        print(f"warning: worker exit codes {codes}; the runs they left are run here", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

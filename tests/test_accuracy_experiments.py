@@ -6,10 +6,12 @@ threshold 9.1 / 10.0 %, gradual cubic 8.2 / 10.7 %, hard one-shot 10.7 / 12.3 %,
 without fine-tuning 45 %.  The ordering asserted below held for both seeds."""
 
 import copy
+import math
 
+import pytest
 import torch
 
-from bench.accuracy import RunLog, Size, finetune, methods, pruning_groups
+from bench.accuracy import PENDING, RunLog, Size, finetune, methods, pruning_groups
 from compressor import MagnitudePruner, OneShot
 from compressor.tasks.speech import SpeechCorpusSpec, SpeechTask
 from compressor.zoo.pretrained import load_pretrained
@@ -85,3 +87,30 @@ def test_run_log_resumes_without_running_again(tmp_path):
     assert again.run("gradual_vs_hard/0.9/hard/1", lambda: compute(0.5))["cer"] == 0.5
     assert calls == [0.25, 0.5] and set(RunLog(path).runs) == {"gradual_vs_hard/0.9/hard/0", "gradual_vs_hard/0.9/hard/1"}
     assert all(run["seconds"] >= 0 for run in RunLog(path).runs.values())
+
+
+def test_shared_run_log_gives_each_run_to_one_worker(tmp_path):
+    """``--jobs N`` workers share one log: a run being computed is claimed (``flock``), the other
+    worker skips it, and both workers' results end up in the file."""
+    path = tmp_path / "accuracy.runs.json"
+    first, second = RunLog(path, shared=True), RunLog(path, shared=True)
+    seen_while_running = {}
+
+    def busy() -> dict:
+        seen_while_running["same key"] = second.run("k/0", lambda: {"cer": 0.9})
+        seen_while_running["other key"] = second.run("k/1", lambda: {"cer": 0.5})
+        return {"cer": 0.25}
+
+    assert first.run("k/0", busy)["cer"] == 0.25
+    assert seen_while_running["same key"] is PENDING and math.isnan(PENDING["cer"])
+    assert seen_while_running["other key"]["cer"] == 0.5
+    logged = RunLog(path).runs
+    assert {k: v["cer"] for k, v in logged.items()} == {"k/0": 0.25, "k/1": 0.5}
+    assert all(v["cpu_seconds"] >= 0 for v in logged.values())
+    # the claim was released with the run: a worker asking again gets the logged result
+    assert second.run("k/0", lambda: {"cer": 0.9})["cer"] == 0.25
+
+
+def test_shared_run_log_needs_a_file():
+    with pytest.raises(ValueError, match="needs a path"):
+        RunLog(shared=True)
