@@ -64,8 +64,9 @@ def export_tvm(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Te
     for Android without an NDK.  ``dynamic_axes`` (``{input index: [axes]}``) makes those axes
     run-time sizes, e.g. ``{0: [3]}`` for the time axis of a spectrogram
     (:func:`~exporters.tvm_rewrite.to_relax`).  ``activations="int8"`` quantizes the input of
-    every matmul over a 16×1-block int8 weight at run time and multiplies in integers
-    (:mod:`exporters.tvm_vnni_kernel`; x86 targets with AVX-512 VNNI only)."""
+    every matmul over a 16×1-block int8 weight at run time and multiplies in integers, the
+    recurrence ``h·W_hhᵀ`` included (:mod:`exporters.tvm_vnni_kernel`; x86 targets with AVX-512
+    VNNI only)."""
     compiled_for = compile_target(target)
     if activations == "int8" and not target_has_vnni(compiled_for.target):
         raise ValueError(f"activations='int8' needs an x86 CPU with AVX-512 VNNI ({FEATURE}); target {target!r} "

@@ -15,6 +15,13 @@ that the accumulators stay in registers.  ``h`` is double-buffered (read ``h_t``
 - dense: rows dotted with ``h`` using ``V`` vector lanes.
 - int8: values int8 and one fp32 scale per row, applied once per row after the sum:
   ``gh[row] = scale[row] · Σ q[row, k] · h[k] + b_hh[row]``.
+- int8 with int8 activations (``activations="int8"``: 16×1 blocks, ``H`` a multiple of 16, batch
+  at least :data:`~exporters.tvm_vnni_kernel.MIN_ROWS`, x86 with AVX-512 VNNI): after every step
+  ``h`` is also quantized as the matmul kernel quantizes its input (per tensor, over the batch:
+  ``s_h = max|h| / 127``, ``u = ⌊h / s_h + ½⌉ + 128``, uint8, transposed, 16 samples a tile: one
+  serial vectorized pass), and ``h · W_hhᵀ`` is the integer block row of
+  :func:`~exporters.tvm_vnni_kernel.vnni_block_row`.  The rounding of ``h`` adds at most
+  ``s_h / 2 · Σ_k |w[row, k]|`` to each ``gh[row]`` per step; the cell itself stays fp32.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from tvm.script import tirx as T
 from compressor.packing import PackedWeight, pack
 
 from .recurrence import GATES
-from .tvm_kernels import rows_block_row
+from .tvm_kernels import ROW_TILE, rows_block_row
+from .tvm_vnni_kernel import MIN_ROWS, ROWS, quantize_u8, takes_int8_activations, vnni_block_row, vnni_layout
 
 FP32 = "float32"
 
@@ -142,6 +150,92 @@ def _sparse_kernel(cell: str, hidden: int, batch: int, rows: int, cols: int, wdt
     return kernel
 
 
+def _quantize_state(hidden: int, batch: int, tiles_n: int):
+    """A TIR macro quantizing ``h_buf[slot]`` (``[hidden, batch]``) into ``u_buf[slot]``
+    (``[tiles_n, hidden, 16]``, lanes past the batch repeat its last sample) with the scale
+    ``max|h| / 127`` (1 when ``h`` is 0), stored in ``scale_buf[slot]``."""
+    last = batch - 1
+
+    @T.macro
+    def quantize(h_buf, u_buf, scale_buf, slot):
+        lanes = T.decl_buffer((ROW_TILE,), FP32)
+        for lane in T.vectorized(ROW_TILE):
+            lanes[lane] = T.float32(0)
+        for tile, k in T.grid(tiles_n, hidden):
+            for lane in T.vectorized(ROW_TILE):
+                lanes[lane] = T.max(lanes[lane], T.fabs(h_buf[slot, k, T.min(tile * ROW_TILE + lane, last)]))
+        amax = T.decl_buffer((1,), FP32)
+        amax[0] = T.float32(0)
+        for lane in range(ROW_TILE):
+            amax[0] = T.max(amax[0], lanes[lane])
+        scale_buf[slot] = T.if_then_else(amax[0] > T.float32(0), amax[0] / T.float32(127), T.float32(1))
+        inv_scale = T.bind(T.float32(1) / scale_buf[slot])
+        for tile, k in T.grid(tiles_n, hidden):
+            for lane in T.vectorized(ROW_TILE):
+                u_buf[slot, tile, k, lane] = quantize_u8(h_buf[slot, k, T.min(tile * ROW_TILE + lane, last)],
+                                                         inv_scale)
+
+    return quantize
+
+
+def _vnni_kernel(cell: str, hidden: int, batch: int, itype: str, reverse: bool):
+    gates, states = GATES[cell], 2 if cell == "lstm" else 1
+    blocks, rows_total = hidden // ROWS, gates * hidden
+    tiles_n = -(-batch // ROW_TILE)
+    block_row = vnni_block_row(rows_total)
+    quantize = _quantize_state(hidden, batch, tiles_n)
+    update = _cell_update(cell, transposed=True)
+
+    @T.prim_func
+    def kernel(gi_h: T.handle, state: T.Buffer((states, batch, hidden), FP32), tiles_h: T.handle,
+               columns_h: T.handle, group_ptr: T.Buffer((gates * blocks + 1,), "int32"),
+               correction: T.Buffer((rows_total,), "int32"), scales: T.Buffer((rows_total,), FP32),
+               bias: T.Buffer((rows_total,), FP32), y_h: T.handle, final: T.Buffer((states, batch, hidden), FP32)):
+        T.func_attr({"tirx.noalias": True})
+        steps = T.int32()
+        groups = T.int32()
+        gi = T.match_buffer(gi_h, (steps, batch, rows_total), FP32)
+        tiles = T.match_buffer(tiles_h, (groups, 64), "int8")
+        columns = T.match_buffer(columns_h, (groups, 4), itype)
+        y = T.match_buffer(y_h, (steps, batch, hidden), FP32)
+        h_buf = T.alloc_buffer((2, hidden, batch), FP32)
+        c_buf = T.alloc_buffer((batch, hidden), FP32)
+        u_buf = T.alloc_buffer((2, tiles_n, hidden, ROW_TILE), "uint8")  # h quantized, 16 samples a tile
+        scale_buf = T.alloc_buffer((2,), FP32)  # s_h of each u_buf slot
+        gh = T.alloc_buffer((batch, rows_total), FP32)
+        for b, k in T.grid(batch, hidden):
+            h_buf[0, k, b] = state[0, b, k]
+            c_buf[b, k] = state[states - 1, b, k]
+        quantize(h_buf, u_buf, scale_buf, 0)
+        for t in range(steps):
+            for ib in T.parallel(blocks):
+                u_t = T.decl_buffer((tiles_n, hidden, ROW_TILE), "uint8", data=u_buf.data,
+                                    elem_offset=t % 2 * (tiles_n * hidden * ROW_TILE))
+                for tile in range(tiles_n):
+                    for g in T.unroll(gates):
+                        block_row(tiles, columns, group_ptr, correction, scales, u_t, tile, scale_buf[t % 2], gh,
+                                  tile * ROW_TILE, batch, g * blocks + ib, groups)
+                for b in T.serial(batch):
+                    for r in T.serial(ROWS):
+                        gate = T.decl_buffer((gates,), FP32)
+                        for g in T.unroll(gates):
+                            gate[g] = gh[b, g * hidden + ib * ROWS + r] + bias[g * hidden + ib * ROWS + r]
+                        update(gi, gate, h_buf, c_buf, t % 2, (t + 1) % 2, y,
+                               steps - 1 - t if reverse else t, b, ib * ROWS + r, hidden)
+            quantize(h_buf, u_buf, scale_buf, (t + 1) % 2)
+        for b, k in T.grid(batch, hidden):
+            final[0, b, k] = h_buf[steps % 2, k, b]
+            if states == 2:
+                final[1, b, k] = c_buf[b, k]
+
+    return kernel
+
+
+def takes_int8_recurrence(cell: str, weight: PackedWeight, batch: int) -> bool:
+    """Whether the recurrence over ``W_hh = weight`` can run with int8 activations (on a VNNI CPU)."""
+    return takes_int8_activations(weight) and batch >= MIN_ROWS and weight.matrix_shape[1] % ROWS == 0
+
+
 def _dense_kernel(cell: str, hidden: int, batch: int, wdtype: str, reverse: bool, int8: bool):
     gates, states = GATES[cell], 2 if cell == "lstm" else 1
     lanes = _lanes(hidden)
@@ -194,13 +288,17 @@ def _dense_kernel(cell: str, hidden: int, batch: int, wdtype: str, reverse: bool
     return kernel
 
 
-def recurrence_kernel(cell: str, weight: PackedWeight, batch: int, reverse: bool) -> RecurrenceKernel:
+def recurrence_kernel(cell: str, weight: PackedWeight, batch: int, reverse: bool,
+                      activations: str = "fp32") -> RecurrenceKernel:
     """The kernel for one direction of a ``cell`` layer whose ``W_hh`` is ``weight``.
 
-    A BSR block that does not fit the gate layout (``r`` or ``c`` not dividing ``H``) is
+    ``activations="int8"`` quantizes ``h`` when :func:`takes_int8_recurrence` (compile for a target
+    with AVX-512 VNNI); otherwise, and with ``"fp32"``, ``h`` stays fp32.  A BSR block that does not fit the gate layout (``r`` or ``c`` not dividing ``H``) is
     repacked as CSR with the same value type; COO and bit-mask weights are repacked as CSR."""
     if cell not in GATES:
         raise ValueError(f"cell={cell!r}: use one of {', '.join(GATES)}")
+    if activations not in ("fp32", "int8"):
+        raise ValueError(f"unknown activations {activations!r}: use fp32 or int8")
     rows_total, hidden = weight.matrix_shape
     if rows_total != GATES[cell] * hidden:
         raise ValueError(f"W_hh of shape {weight.shape} does not fit a {cell} layer of {hidden} units")
@@ -208,6 +306,11 @@ def recurrence_kernel(cell: str, weight: PackedWeight, batch: int, reverse: bool
     wdtype = "int8" if int8 else FP32
     scales = weight.arrays["scales"] if int8 else np.ones(rows_total, np.float32)
     direction = "reverse" if reverse else "forward"
+    if activations == "int8" and takes_int8_recurrence(cell, weight, batch):
+        constants = vnni_layout(weight)
+        func = _vnni_kernel(cell, hidden, batch, constants[1].dtype.name, reverse)
+        name = f"recurrence_{cell}_bsr16x1_int8_u8_b{batch}_h{hidden}_{direction}_vnni"
+        return RecurrenceKernel(func.with_attr("global_symbol", name), name, constants)
     if weight.format == "dense":
         func = _dense_kernel(cell, hidden, batch, wdtype, reverse, int8)
         name = f"recurrence_{cell}_dense_{weight.dtype}_b{batch}_h{hidden}_{direction}"

@@ -235,7 +235,8 @@ def _dynamic_shapes(inputs: Sequence[torch.Tensor], axes: dict[int, Sequence[int
     return tuple({d: torch.export.Dim.AUTO for d in axes.get(i, ())} or None for i in range(len(inputs)))
 
 
-def _recurrence_converter(param_names: dict[str, str], weights: _Weights, uses: list[KernelUse]):
+def _recurrence_converter(param_names: dict[str, str], weights: _Weights, uses: list[KernelUse],
+                          activations: str = "fp32"):
     """A ``custom_convert_map`` entry for ``compress_and_export::recurrence``."""
     kernels: dict[str, relax.GlobalVar] = {}
 
@@ -248,7 +249,7 @@ def _recurrence_converter(param_names: dict[str, str], weights: _Weights, uses: 
         weight = weights.get(name)
         steps, batch, _ = gi.ty.shape.values
         states, _, hidden = (int(v) for v in state.ty.shape.values)
-        kernel = recurrence_kernel(cell, weight, int(batch), reverse)
+        kernel = recurrence_kernel(cell, weight, int(batch), reverse, activations)
         builder = importer.block_builder
         if kernel.name not in kernels:
             kernels[kernel.name] = builder.add_func(kernel.func, kernel.name)
@@ -275,8 +276,9 @@ def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tens
     ``activations="int8"`` gives the matmuls over 16×1-block int8 weights (linear layers and the
     input projections of recurrent layers) with at least ``MIN_ROWS`` rows (8), or a run-time row
     count, the integer kernel of :mod:`exporters.tvm_vnni_kernel`,
-    which quantizes its input at every call (x86 with AVX-512 VNNI only); every other operator
-    keeps fp32 activations."""
+    which quantizes its input at every call (x86 with AVX-512 VNNI only), and recurrences over
+    such a ``W_hh`` at a batch of at least ``MIN_ROWS`` quantize ``h`` after every step
+    (:mod:`exporters.tvm_recurrence_kernel`); every other operator keeps fp32 activations."""
     if activations not in ("fp32", "int8"):
         raise ValueError(f"unknown activations {activations!r}: use fp32 or int8")
     module, packed = (model.module, model.weights) if isinstance(model, PackedModel) else (model, {})
@@ -293,7 +295,8 @@ def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tens
     weights = _Weights(module, packed)
     uses: list[KernelUse] = []
     mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True,
-                                custom_convert_map={"recurrence.default": _recurrence_converter(param_names, weights, uses)})
+                                custom_convert_map={"recurrence.default": _recurrence_converter(param_names, weights, uses,
+                                                                                              activations)})
     mod, params = relax.frontend.detach_params(mod)
     rewriter = MatmulRewriter(mod, param_names, weights, uses, {}, activations)
     for global_var, func in mod.functions_items():

@@ -34,6 +34,7 @@ group: 53 µs), and no prefetch (82 µs).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import tvm
@@ -108,20 +109,79 @@ def vnni_matmul_call(weight: PackedWeight, batch: int | None) -> KernelCall:
     return KernelCall(vnni_kernel(n, k, batch, itype).with_attr("global_symbol", name), name, constants, (batch, n))
 
 
-def _quantize(value, inv_scale):
+def quantize_u8(value, inv_scale):
     """``⌊value / s_x + ½⌋ + 128`` as uint8."""
     return T.Cast("uint8", T.Cast("int32", T.floor(value * inv_scale + T.float32(0.5))) + _ZERO_POINT)
+
+
+def vnni_block_row(N: int) -> Callable:
+    """A TIR macro ``(tiles, columns, group_ptr, correction, scales, u, tile, scale_x, y, row0, m, i,
+    groups)``: rows ``16 i … 16 i + 15`` of ``y[row0 : min(row0 + 16, m), :N]`` from the quantized
+    rows ``u[tile, K, 16]`` (``s_x = scale_x``), block row ``i`` of the :func:`vnni_layout`
+    constants (``groups`` tiles in all); 16 × 16 int32 accumulators, one ``vpdpbusd`` per row and
+    group.  Shared by :func:`vnni_kernel` and the recurrence kernel."""
+    H, BT = ROWS // 2, ROW_TILE
+    ahead = PREFETCH_BYTES // (ROWS * GROUP)
+    interleave = [BT * t + b for b in range(BT) for t in range(GROUP)]
+    dpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+
+    @T.macro
+    def block_row(tiles, columns, group_ptr, correction, scales, u, tile, scale_x, y, row0, m, i, groups):
+        lo = T.bind(group_ptr[i])
+        hi = T.bind(group_ptr[i + 1])
+        words = T.decl_buffer((groups * ROWS,), "int32", data=tiles.data)
+        acc_lo = T.decl_buffer((H, BT), "int32")
+        acc_hi = T.decl_buffer((H, BT), "int32")
+        for r in T.unroll(H):
+            for b in T.vectorized(BT):
+                acc_lo[r, b] = 0
+                acc_hi[r, b] = 0
+        for j in range(lo, hi):
+            T.evaluate(_prefetch(tiles[T.min(j + ahead, groups - 1), 0], 2))
+            activations = T.bind(T.Shuffle(
+                [u.vload([tile, T.Cast("int32", columns[j, 0]), 0], "uint8x16"),
+                 u.vload([tile, T.Cast("int32", columns[j, 1]), 0], "uint8x16"),
+                 u.vload([tile, T.Cast("int32", columns[j, 2]), 0], "uint8x16"),
+                 u.vload([tile, T.Cast("int32", columns[j, 3]), 0], "uint8x16")], interleave))
+            for r in T.unroll(H):
+                acc_lo[r, T.ramp(0, 1, BT)] = T.call_llvm_pure_intrin(
+                    dpbusd, acc_lo[r, T.ramp(0, 1, BT)], T.reinterpret("int8x64", activations),
+                    T.reinterpret("int8x64", T.broadcast(words[j * ROWS + r], BT)), dtype="int32x16")
+                acc_hi[r, T.ramp(0, 1, BT)] = T.call_llvm_pure_intrin(
+                    dpbusd, acc_hi[r, T.ramp(0, 1, BT)], T.reinterpret("int8x64", activations),
+                    T.reinterpret("int8x64", T.broadcast(words[j * ROWS + H + r], BT)), dtype="int32x16")
+        out_lo = T.decl_buffer((H, BT), "float32")
+        out_hi = T.decl_buffer((H, BT), "float32")
+        for r in T.unroll(H):
+            for b in T.vectorized(BT):
+                out_lo[r, b] = T.Cast("float32", acc_lo[r, b] - correction[i * ROWS + r]) * (
+                    scales[i * ROWS + r] * scale_x)
+                out_hi[r, b] = T.Cast("float32", acc_hi[r, b] - correction[i * ROWS + H + r]) * (
+                    scales[i * ROWS + H + r] * scale_x)
+        for b in range(BT):
+            if row0 + b < m:
+                if i * ROWS + ROWS <= N:
+                    for r in T.vectorized(H):
+                        y[row0 + b, i * ROWS + r] = out_lo[r, b]
+                    for r in T.vectorized(H):
+                        y[row0 + b, i * ROWS + H + r] = out_hi[r, b]
+                else:
+                    for r in T.serial(H):
+                        if i * ROWS + r < N:
+                            y[row0 + b, i * ROWS + r] = out_lo[r, b]
+                        if i * ROWS + H + r < N:
+                            y[row0 + b, i * ROWS + H + r] = out_hi[r, b]
+
+    return block_row
 
 
 def vnni_kernel(N: int, K: int, batch: int | None, itype: str) -> tvm.tirx.PrimFunc:
     """The kernel ``(x[M, K], tiles, columns, group_ptr, correction, scales, y[M, N])`` for a
     static row count ``batch`` or any (``None``: ``M`` symbolic)."""
-    NB, BT, H = math.ceil(N / ROWS), ROW_TILE, ROW_TILE // 2
+    NB, BT = math.ceil(N / ROWS), ROW_TILE
     KT = K // 4 * 4
     G = max(1, DYN_X_BYTES // (K * BT))
-    ahead = PREFETCH_BYTES // (ROWS * GROUP)
-    interleave = [BT * t + b for b in range(BT) for t in range(GROUP)]
-    dpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+    block_row = vnni_block_row(N)
 
     @T.macro
     def body(x, tiles, columns, group_ptr, correction, scales, y, m, groups):
@@ -155,59 +215,14 @@ def vnni_kernel(N: int, K: int, batch: int | None, itype: str) -> tvm.tirx.PrimF
                             square[bb, kk] = x[T.min((ps * G + g) * BT + bo * 4 + bb, m - 1), ko * 4 + kk]
                     for kk in T.unroll(4):
                         for bb in T.vectorized(4):
-                            u[g, ko * 4 + kk, bo * 4 + bb] = _quantize(square[bb, kk], inv_scale)
+                            u[g, ko * 4 + kk, bo * 4 + bb] = quantize_u8(square[bb, kk], inv_scale)
             for g in range(count):
                 for k in range(KT, K):
                     for b in T.vectorized(BT):
-                        u[g, k, b] = _quantize(x[T.min((ps * G + g) * BT + b, m - 1), k], inv_scale)
+                        u[g, k, b] = quantize_u8(x[T.min((ps * G + g) * BT + b, m - 1), k], inv_scale)
             for p in T.parallel(count * NB):
-                g = T.bind(p // NB)
-                i = T.bind(p % NB)
-                row0 = T.bind((ps * G + g) * BT)
-                lo = T.bind(group_ptr[i])
-                hi = T.bind(group_ptr[i + 1])
-                words = T.decl_buffer((groups * ROWS,), "int32", data=tiles.data)
-                acc_lo = T.decl_buffer((H, BT), "int32")
-                acc_hi = T.decl_buffer((H, BT), "int32")
-                for r in T.unroll(H):
-                    for b in T.vectorized(BT):
-                        acc_lo[r, b] = 0
-                        acc_hi[r, b] = 0
-                for j in range(lo, hi):
-                    T.evaluate(_prefetch(tiles[T.min(j + ahead, groups - 1), 0], 2))
-                    activations = T.bind(T.Shuffle(
-                        [u.vload([g, T.Cast("int32", columns[j, 0]), 0], "uint8x16"),
-                         u.vload([g, T.Cast("int32", columns[j, 1]), 0], "uint8x16"),
-                         u.vload([g, T.Cast("int32", columns[j, 2]), 0], "uint8x16"),
-                         u.vload([g, T.Cast("int32", columns[j, 3]), 0], "uint8x16")], interleave))
-                    for r in T.unroll(H):
-                        acc_lo[r, T.ramp(0, 1, BT)] = T.call_llvm_pure_intrin(
-                            dpbusd, acc_lo[r, T.ramp(0, 1, BT)], T.reinterpret("int8x64", activations),
-                            T.reinterpret("int8x64", T.broadcast(words[j * ROWS + r], BT)), dtype="int32x16")
-                        acc_hi[r, T.ramp(0, 1, BT)] = T.call_llvm_pure_intrin(
-                            dpbusd, acc_hi[r, T.ramp(0, 1, BT)], T.reinterpret("int8x64", activations),
-                            T.reinterpret("int8x64", T.broadcast(words[j * ROWS + H + r], BT)), dtype="int32x16")
-                out_lo = T.decl_buffer((H, BT), "float32")
-                out_hi = T.decl_buffer((H, BT), "float32")
-                for r in T.unroll(H):
-                    for b in T.vectorized(BT):
-                        out_lo[r, b] = T.Cast("float32", acc_lo[r, b] - correction[i * ROWS + r]) * (
-                            scales[i * ROWS + r] * scale_x)
-                        out_hi[r, b] = T.Cast("float32", acc_hi[r, b] - correction[i * ROWS + H + r]) * (
-                            scales[i * ROWS + H + r] * scale_x)
-                for b in range(BT):
-                    if row0 + b < m:
-                        if i * ROWS + ROWS <= N:
-                            for r in T.vectorized(H):
-                                y[row0 + b, i * ROWS + r] = out_lo[r, b]
-                            for r in T.vectorized(H):
-                                y[row0 + b, i * ROWS + H + r] = out_hi[r, b]
-                        else:
-                            for r in T.serial(H):
-                                if i * ROWS + r < N:
-                                    y[row0 + b, i * ROWS + r] = out_lo[r, b]
-                                if i * ROWS + H + r < N:
-                                    y[row0 + b, i * ROWS + H + r] = out_hi[r, b]
+                block_row(tiles, columns, group_ptr, correction, scales, u, p // NB, scale_x, y,
+                          (ps * G + p // NB) * BT, m, p % NB, groups)
 
     if batch is not None:
         @T.prim_func

@@ -4,7 +4,8 @@ Exactness: on inputs that are exact multiples of a power of two with one element
 them, the quantization is exact (``s_x`` is that power of two), so the kernel must give the
 integer product ``s_x · scales[n] · Σ q·x̂`` up to the fp32 rounding of the final scaling
 (checked within 1e-6 relative).  On normal inputs each output stays within the rounding bound
-``s_x / 2 · Σ_k |w[n, k]|`` of the product with the dequantized weight.  The kernel runs only
+``s_x / 2 · Σ_k |w[n, k]|`` of the product with the dequantized weight.  The recurrence with a
+quantized state matches a float64 GRU that rounds ``h`` the same way.  The kernels run only
 on a CPU with AVX-512 VNNI; elsewhere those tests are skipped and the refusals still run."""
 
 import numpy as np
@@ -17,11 +18,13 @@ from compressor.packed_model import PackingConfig, pack_model
 from compressor.packing import pack
 from exporters.tvm import export_tvm
 from exporters.tvm_kernels import host_target, matmul_kernel
+from exporters.tvm_recurrence_kernel import recurrence_kernel
 from exporters.tvm_vnni_kernel import (MIN_ROWS, target_has_vnni, takes_int8_activations, vnni_layout,
                                        vnni_matmul_call)
 from runtime_tests.models import pruned
 from runtime_tests.test_tvm_kernels import DYN_ROWS, pruned_weight, run_kernel
-from runtime_tests.tvm_check import run_tvm
+from runtime_tests.test_tvm_recurrence import HIDDEN, Recurrent
+from runtime_tests.tvm_check import compare_with_torch, run_tvm
 
 needs_vnni = pytest.mark.skipif(not target_has_vnni(host_target()), reason="this CPU has no AVX-512 VNNI")
 BLOCK = BlockShape(16, 1)
@@ -150,3 +153,79 @@ def test_small_batches_keep_the_fp32_activation_kernel(tmp_path):
     artifact = export_tvm(packed, (torch.randn(1, 1, 48),), tmp_path / "one.so", activations="int8")
     assert not any("vnni" in use.kernel for use in artifact.kernels)  # 1 row: below MIN_ROWS
     assert matmul_kernel(packed.weights["inp.weight"], 1).name.startswith("bsr16x1_int8")
+
+
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-v))
+
+
+def gru_reference(gi: np.ndarray, h0: np.ndarray, w_hh: np.ndarray, b_hh: np.ndarray, round_state: bool) -> np.ndarray:
+    """A GRU direction in float64; with ``round_state`` it multiplies ``W_hh`` with ``h`` rounded as
+    the kernel rounds it: ``ĥ = ⌊h / s_h + ½⌋ · s_h``, ``s_h = max|h| / 127`` over the batch."""
+    hidden = h0.shape[1]
+    h, ys = h0.astype(np.float64), []
+    for step in gi.astype(np.float64):
+        scale = np.float32(np.abs(h).max()) / np.float32(127)
+        state = np.floor(h.astype(np.float32) * (np.float32(1) / scale) + 0.5) * scale if round_state else h
+        gh = state @ w_hh.T + b_hh
+        r = _sigmoid(step[:, :hidden] + gh[:, :hidden])
+        z = _sigmoid(step[:, hidden:2 * hidden] + gh[:, hidden:2 * hidden])
+        n = np.tanh(step[:, 2 * hidden:] + r * gh[:, 2 * hidden:])
+        h = (1 - z) * n + z * h
+        ys.append(h)
+    return np.stack(ys)
+
+
+@pytest.mark.parametrize("batch", [MIN_ROWS, 20])  # one tile of 16 samples, and two (the second partial)
+@needs_vnni
+def test_recurrence_kernel_multiplies_the_rounded_state(batch):
+    """The int8-activation recurrence against a float64 GRU that rounds ``h`` the same way: the
+    only difference left is fp32 arithmetic (the rounding of ``h`` itself is about 100× larger)."""
+    hidden, steps = 48, 9
+    weight = packed_int8((3 * hidden, hidden), seed=6, zeros=0.6)
+    kernel = recurrence_kernel("gru", weight, batch, reverse=False, activations="int8")
+    assert kernel.name == f"recurrence_gru_bsr16x1_int8_u8_b{batch}_h{hidden}_forward_vnni"
+    rng = np.random.default_rng(7)
+    gi = rng.standard_normal((steps, batch, 3 * hidden)).astype(np.float32)
+    h0 = (rng.standard_normal((1, batch, hidden)) * 0.8).astype(np.float32)
+    b_hh = rng.standard_normal(3 * hidden).astype(np.float32)
+    module = tvm.compile(kernel.func, target=host_target())
+    device = tvm.cpu()
+    args = [gi, h0, *kernel.constants, b_hh]
+    outputs = [np.zeros((steps, batch, hidden), np.float32), np.zeros((1, batch, hidden), np.float32)]
+    tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in args + outputs]
+    module[kernel.name](*tensors)
+    y, final = tensors[-2].numpy(), tensors[-1].numpy()
+    w_hh = weight.to_dense().astype(np.float64)
+    emulated = gru_reference(gi, h0[0], w_hh, b_hh, round_state=True)
+    exact = gru_reference(gi, h0[0], w_hh, b_hh, round_state=False)
+    assert np.abs(y - emulated).max() < 1e-4
+    assert np.array_equal(final[0], y[-1])
+    assert np.abs(emulated - exact).max() > 1e-3
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("batch", [MIN_ROWS, 20])
+@needs_vnni
+def test_export_runs_recurrences_with_int8_activations(cell, batch, tmp_path):
+    torch.manual_seed(0)
+    model = pruned(Recurrent(cell).eval(), BLOCK)
+    packed = pack_model(model, PackingConfig(format="bsr", block=BLOCK, dtype="int8"))
+    example = torch.randn(batch, 11, 8)
+    artifact = export_tvm(packed, (example,), tmp_path / "rnn.so", activations="int8")
+    recurrent = sorted(use.kernel for use in artifact.kernels if "weight_hh" in use.weight)
+    assert recurrent == [f"recurrence_{cell}_bsr16x1_int8_u8_b{batch}_h{HIDDEN}_{direction}_vnni"
+                         for direction in ("forward", "reverse")]
+    # W_ih, W_hh and their inputs quantized: within ONNX Runtime's int8 GRU error (measured 4e-3 to 8e-3)
+    assert 0 < compare_with_torch(packed.dequantized(), artifact.path, (example,)).worst < 2e-2
+
+
+def test_small_batches_and_other_packings_keep_an_fp32_state():
+    torch.manual_seed(0)
+    model = pruned(Recurrent("rnn_tanh").eval(), BLOCK)
+    packed = pack_model(model, PackingConfig(format="bsr", block=BLOCK, dtype="int8"))
+    weight = packed.weights["rnn.weight_hh_l0"]
+    fp32 = pack(weight.to_dense(), "bsr", BLOCK)
+    assert not recurrence_kernel("rnn_tanh", fp32, MIN_ROWS, False, "int8").name.endswith("vnni")
+    assert not recurrence_kernel("rnn_tanh", weight, MIN_ROWS - 1, False, "int8").name.endswith("vnni")
+    assert recurrence_kernel("rnn_tanh", weight, MIN_ROWS, False, "int8").name.endswith("vnni")
