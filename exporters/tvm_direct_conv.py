@@ -26,6 +26,7 @@ about 4.4 ms for ONNX Runtime's whole convolution front end); batch 16: 58 ms.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import tvm
@@ -156,8 +157,11 @@ def direct_conv_kernel(shape: ConvShape, weight: PackedWeight) -> tuple[tvm.tirx
 
 
 def emit_direct_conv(builder: relax.BlockBuilder, add_func: AddFunc, x: relax.Expr, shape: ConvShape,
-                     weight: PackedWeight, out_ty: relax.TensorType) -> tuple[relax.Expr, str, int]:
-    """Emit the padding and the direct convolution, then the reshape to ``out_ty`` (the
+                     weight: PackedWeight, out_ty: relax.TensorType,
+                     kernel: Callable[[ConvShape, PackedWeight], tuple] | None = None) -> tuple[relax.Expr, str, int]:
+    """Emit the padding and the direct convolution (``kernel``, by default
+    :func:`direct_conv_kernel`; or another with its arguments and result, such as
+    :func:`~exporters.tvm_vnni_conv.vnni_conv_kernel`), then the reshape to ``out_ty`` (the
     convolution call's type, whose sizes the output takes).  Returns the last expression (not
     emitted), the kernel's name and the bytes one call must move: the constants, the padded
     input and the output (for run-time sizes: the constants only)."""
@@ -167,7 +171,7 @@ def emit_direct_conv(builder: relax.BlockBuilder, add_func: AddFunc, x: relax.Ex
     hp, wp, vw = _padded_extent(shape)
     pad = pad_kernel_dyn(shape) if shape.symbolic else pad_kernel(shape)
     xp = builder.emit(relax.call_tir(add_func(*pad), [flat, *sizes], relax.TensorType((nc, hp, wp + vw), "float32")))
-    func, name, constants = direct_conv_kernel(shape, weight)
+    func, name, constants = (kernel or direct_conv_kernel)(shape, weight)
     out_dims = list(out_ty.shape.values)
     positions = out_dims[2] if shape.one_d else out_dims[2] * out_dims[3]
     out = builder.emit(relax.call_tir(add_func(func, name), [xp, *sizes, *(relax.const(c) for c in constants)],

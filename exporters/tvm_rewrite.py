@@ -35,6 +35,7 @@ from compressor.packing import PackedWeight, pack
 from .recurrence import scan_recurrent_layers
 from .tvm_conv import conv_shape, emit_conv, emit_conv_dyn
 from .tvm_direct_conv import emit_direct_conv, takes_direct
+from .tvm_vnni_conv import takes_vnni_conv, vnni_conv_kernel
 from .tvm_kernels import matmul_kernel
 from .tvm_recurrence_kernel import recurrence_kernel
 from .tvm_vnni_kernel import MIN_ROWS, takes_int8_activations, vnni_matmul_call
@@ -156,8 +157,9 @@ class MatmulRewriter(PyExprMutator):
         if tuple(weight.shape) != shape.weight_shape:
             return call
         if takes_direct(weight):
+            int8 = self.activations == "int8" and takes_vnni_conv(shape, weight)
             out, kernel_name, moved = emit_direct_conv(self.builder_, self._add_kernel, call.args[0], shape, weight,
-                                                       call.ty)
+                                                       call.ty, vnni_conv_kernel if int8 else None)
             self.uses.append(KernelUse(name, kernel_name, _format_tag(weight), weight.dtype, moved))
             return out
         if shape.symbolic:  # bytes of one row, as for the matmuls of a run-time row count
@@ -278,7 +280,9 @@ def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tens
     count, the integer kernel of :mod:`exporters.tvm_vnni_kernel`,
     which quantizes its input at every call (x86 with AVX-512 VNNI only), and recurrences over
     such a ``W_hh`` at a batch of at least ``MIN_ROWS`` quantize ``h`` after every step
-    (:mod:`exporters.tvm_recurrence_kernel`); every other operator keeps fp32 activations."""
+    (:mod:`exporters.tvm_recurrence_kernel`); convolutions over int8 weights stored dense, with
+    static sizes, width stride and dilation 1 and ``kw >= 4``, run the integer direct convolution
+    of :mod:`exporters.tvm_vnni_conv`; every other operator keeps fp32 activations."""
     if activations not in ("fp32", "int8"):
         raise ValueError(f"unknown activations {activations!r}: use fp32 or int8")
     module, packed = (model.module, model.weights) if isinstance(model, PackedModel) else (model, {})
