@@ -21,7 +21,7 @@ int32).  int8 packing stores ``values`` as int8 plus one float32 ``scales`` entr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -135,6 +135,19 @@ class PackedWeight:
         padded = np.zeros((n_br, n_bc, r, c), values.dtype)
         padded[self.block_coords()] = values.reshape(-1, r, c)
         return np.ascontiguousarray(padded.transpose(0, 2, 1, 3).reshape(n_br * r, n_bc * c)[:rows, :cols])
+
+    def scaled_rows(self, factors: np.ndarray) -> PackedWeight:
+        """This weight with matrix row ``i`` multiplied by ``factors[i]``, nothing re-quantized:
+        int8 rescales its per-row ``scales`` (the codes stay), fp32 multiplies its values."""
+        factors = np.asarray(factors, np.float32)
+        if factors.shape != (self.matrix_shape[0],):
+            raise ValueError(f"one factor per row: {self.matrix_shape[0]} needed, got shape {factors.shape}")
+        arrays = dict(self.arrays)
+        if self.dtype == "int8":
+            arrays["scales"] = (self.arrays["scales"] * factors).astype(np.float32)
+        else:
+            arrays["values"] = (self.arrays["values"] * factors[self.value_rows()]).astype(np.float32)
+        return replace(self, arrays=arrays)
 
     def check(self) -> None:
         """Raise ``ValueError`` unless :attr:`arrays` are a packing of :attr:`shape` that :meth:`to_dense`

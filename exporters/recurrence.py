@@ -7,6 +7,9 @@ returns a copy of a model whose recurrent layers compute
     gi = x · W_ihᵀ + b_ih                       (one matmul over all time steps)
     y, state = recurrence(gi, state0, W_hh, b_hh, cell, reverse)
 
+(for every cell but the GRU ``b_ih`` moves into the recurrence's bias instead,
+``gi = x · W_ihᵀ`` and ``b_hh + b_ih``: :func:`joins_recurrent_bias`)
+
 where :func:`recurrence` is the custom operator ``compress_and_export::recurrence``: the whole
 time loop of one direction of one layer.  Its eager implementation is PyTorch's own cell
 equations (gate orders as in PyTorch)::
@@ -78,6 +81,15 @@ def _(gi: Tensor, state: Tensor, w_hh: Tensor, b_hh: Tensor, cell: str, reverse:
     return gi.new_empty(gi.shape[0], gi.shape[1], w_hh.shape[1]), torch.empty_like(state)
 
 
+def joins_recurrent_bias(cell: str, b_ih: Tensor | None) -> bool:
+    """Whether ``b_ih`` is added to the recurrent bias ``b_hh`` instead of to the input projection
+    ``gi``: every cell but the GRU adds ``x·W_ihᵀ + b_ih + h·W_hhᵀ + b_hh`` inside its
+    nonlinearity, so ``b = b_ih + b_hh`` is added once a step inside the recurrence and ``gi``
+    needs no pass of its own over ``[time, batch, gates·hidden]``; the GRU's
+    ``n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))`` keeps them apart."""
+    return b_ih is not None and cell != "gru"
+
+
 class ScanRNN(nn.Module):
     """``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` computed with :func:`recurrence`; same parameters
     (the very objects, under the same names), same inputs and outputs."""
@@ -115,7 +127,9 @@ class ScanRNN(nn.Module):
                 w_ih, w_hh = getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)
                 b_ih = getattr(self, "bias_ih" + suffix) if self.bias else None
                 b_hh = getattr(self, "bias_hh" + suffix) if self.bias else w_hh.new_zeros(w_hh.shape[0])
-                gi = nn.functional.linear(x, w_ih, b_ih)
+                join = joins_recurrent_bias(self.cell, b_ih)
+                gi = nn.functional.linear(x, w_ih, None if join else b_ih)
+                b_hh = b_ih + b_hh if join else b_hh
                 y, final = recurrence(gi, init[:, layer * directions + direction], w_hh, b_hh, self.cell, bool(direction))
                 outputs.append(y)
                 finals.append(final)
@@ -135,10 +149,14 @@ class ScanSharedInputBiRecurrent(nn.Module):
         self.input, self.forward_hh, self.backward_hh = layer.input, layer.forward_hh, layer.backward_hh
 
     def forward(self, x: Tensor) -> Tensor:
-        gi = self.input(x)
+        b_ih, b_forward, b_backward = self.input.bias, self.forward_hh.bias, self.backward_hh.bias
+        join = joins_recurrent_bias(self.cell, b_ih)
+        gi = nn.functional.linear(x, self.input.weight, None if join else b_ih)
+        if join:
+            b_forward, b_backward = b_ih + b_forward, b_ih + b_backward
         state = x.new_zeros(1, x.shape[1], self.hidden_size)
-        forward, _ = recurrence(gi, state, self.forward_hh.weight, self.forward_hh.bias, self.cell, False)
-        backward, _ = recurrence(gi, state, self.backward_hh.weight, self.backward_hh.bias, self.cell, True)
+        forward, _ = recurrence(gi, state, self.forward_hh.weight, b_forward, self.cell, False)
+        backward, _ = recurrence(gi, state, self.backward_hh.weight, b_backward, self.cell, True)
         return forward + backward
 
 

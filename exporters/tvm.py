@@ -66,14 +66,14 @@ def export_tvm(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Te
     (:func:`~exporters.tvm_rewrite.to_relax`).  ``activations="int8"`` quantizes the input of
     every matmul over a 16×1-block int8 weight at run time and multiplies in integers, the
     recurrence ``h·W_hhᵀ`` included (:mod:`exporters.tvm_vnni_kernel`; x86 targets with AVX-512
-    VNNI only)."""
+    VNNI only), and convolutions over int8 weights (on AMX tiles where the CPU has them)."""
     compiled_for = compile_target(target)
     if activations == "int8" and not target_has_vnni(compiled_for.target):
         raise ValueError(f"activations='int8' needs an x86 CPU with AVX-512 VNNI ({FEATURE}); target {target!r} "
                          f"({compiled_for.target}) has none: export with activations='fp32'")
     inputs = tuple(example_inputs)
     start = time.perf_counter()
-    relax_model = to_relax(model, inputs, dynamic_axes, activations)
+    relax_model = to_relax(model, inputs, dynamic_axes, activations, compiled_for.target)
     executable = tvm.compile(relax_model.mod, target=compiled_for.target)
     path = Path(path).with_suffix(compiled_for.suffix)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,8 @@ from tvm.script import tirx as T
 
 from compressor.packing import PackedWeight
 
+from .tvm_targets import host_target
+
 #: fp32 lanes of one vector step (one AVX-512 register, two AVX2 or four NEON registers).
 LANES = 16
 #: Most fp32 accumulators one iteration of a parallel loop keeps (all independent sets together):
@@ -143,11 +145,6 @@ class KernelCall:
         if self.dynamic:
             raise ValueError(f"kernel {self.name} takes any row count: use bytes_moved_for(rows)")
         return self.bytes_moved_for(self.out_shape[0])
-
-
-def host_target() -> tvm.target.Target:
-    """LLVM target for this machine's CPU (``"native"`` silently falls back to a generic CPU)."""
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.get_global_func("target.llvm_get_system_cpu")()})
 
 
 def matmul_kernel(weight: PackedWeight, batch: int | None) -> KernelCall:

@@ -1,7 +1,9 @@
 """From a PyTorch model to a Relax module whose matmuls run the project's own TIR kernels.
 
-1. :func:`~exporters.recurrence.scan_recurrent_layers` turns every GRU/LSTM/RNN into an input
-   matmul plus one ``recurrence`` time-loop operator (parameter names unchanged).
+1. :func:`~exporters.fold_batch_norm.fold_batch_norms` folds each BatchNorm that follows a
+   convolution into it; :func:`~exporters.recurrence.scan_recurrent_layers` turns every
+   GRU/LSTM/RNN into an input matmul plus one ``recurrence`` time-loop operator (parameter
+   names unchanged).
 2. ``torch.export`` + ``from_exported_program(keep_params_as_input=True)``: parameters stay
    named function inputs, so each weight is found by its PyTorch name.  The ``recurrence``
    operator is converted straight to ``call_tir`` of :func:`recurrence_kernel` over the packed
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,8 +34,10 @@ from tvm.relax.frontend.torch import from_exported_program
 from compressor.packed_model import PackedModel
 from compressor.packing import PackedWeight, pack
 
+from .fold_batch_norm import fold_batch_norms
 from .recurrence import scan_recurrent_layers
-from .tvm_conv import conv_shape, emit_conv, emit_conv_dyn
+from .tvm_amx_conv import amx_conv_kernel, takes_amx_conv, target_has_amx
+from .tvm_conv import ConvShape, conv_shape, emit_conv, emit_conv_dyn
 from .tvm_direct_conv import emit_direct_conv, takes_direct
 from .tvm_vnni_conv import takes_vnni_conv, vnni_conv_kernel
 from .tvm_kernels import matmul_kernel
@@ -108,10 +112,10 @@ class MatmulRewriter(PyExprMutator):
     ``conv1d`` / ``conv2d`` over a parameter (groups 1) by our kernels."""
 
     def __init__(self, mod: tvm.IRModule, param_names: dict[str, str], weights: _Weights, uses: list[KernelUse],
-                 kernels: dict[str, relax.GlobalVar], activations: str = "fp32") -> None:
+                 kernels: dict[str, relax.GlobalVar], activations: str = "fp32", amx: bool = False) -> None:
         super().__init__(mod)
         self.param_names, self.weights, self.uses, self.kernels = param_names, weights, uses, kernels
-        self.activations = activations
+        self.activations, self.amx = activations, amx
         self.bindings: dict[relax.Var, relax.Expr] = {}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -143,6 +147,15 @@ class MatmulRewriter(PyExprMutator):
             self.kernels[name] = self.builder_.add_func(func, name)
         return self.kernels[name]
 
+    def _int8_conv(self, shape: ConvShape, weight: PackedWeight) -> Callable | None:
+        """The int8-activation direct convolution for this one, if any: AMX tiles where the target
+        has them, else AVX-512 VNNI."""
+        if self.activations != "int8":
+            return None
+        if self.amx and takes_amx_conv(shape, weight):
+            return amx_conv_kernel
+        return vnni_conv_kernel if takes_vnni_conv(shape, weight) else None
+
     def _conv(self, call: relax.Call) -> relax.Expr:
         """``conv1d`` / ``conv2d`` over a parameter weight (groups 1) as im2col + our matmul
         kernel (:mod:`exporters.tvm_conv`) in cache-sized pieces; a symbolic input height / width
@@ -157,9 +170,8 @@ class MatmulRewriter(PyExprMutator):
         if tuple(weight.shape) != shape.weight_shape:
             return call
         if takes_direct(weight):
-            int8 = self.activations == "int8" and takes_vnni_conv(shape, weight)
             out, kernel_name, moved = emit_direct_conv(self.builder_, self._add_kernel, call.args[0], shape, weight,
-                                                       call.ty, vnni_conv_kernel if int8 else None)
+                                                       call.ty, self._int8_conv(shape, weight))
             self.uses.append(KernelUse(name, kernel_name, _format_tag(weight), weight.dtype, moved))
             return out
         if shape.symbolic:  # bytes of one row, as for the matmuls of a run-time row count
@@ -266,7 +278,8 @@ def _recurrence_converter(param_names: dict[str, str], weights: _Weights, uses: 
 
 
 def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tensor],
-             dynamic_axes: dict[int, Sequence[int]] | None = None, activations: str = "fp32") -> RelaxModel:
+             dynamic_axes: dict[int, Sequence[int]] | None = None, activations: str = "fp32",
+             target: tvm.target.Target | None = None) -> RelaxModel:
     """The model as a Relax module with every matmul over a weight and every recurrent loop
     running our kernels over the packed weights (see the module docstring).
 
@@ -282,7 +295,9 @@ def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tens
     such a ``W_hh`` at a batch of at least ``MIN_ROWS`` quantize ``h`` after every step
     (:mod:`exporters.tvm_recurrence_kernel`); convolutions over int8 weights stored dense, with
     static sizes, width stride and dilation 1 and ``kw >= 4``, run the integer direct convolution
-    of :mod:`exporters.tvm_vnni_conv`; every other operator keeps fp32 activations."""
+    of :mod:`exporters.tvm_vnni_conv`, or, for a ``target`` with AMX (``amx-tile``, ``amx-int8``),
+    those with a unit width or height dilation the tile convolution of :mod:`exporters.tvm_amx_conv`;
+    every other operator keeps fp32 activations."""
     if activations not in ("fp32", "int8"):
         raise ValueError(f"unknown activations {activations!r}: use fp32 or int8")
     module, packed = (model.module, model.weights) if isinstance(model, PackedModel) else (model, {})
@@ -290,6 +305,7 @@ def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tens
         raise ValueError("the model still has pruning masks attached: call pruner.finalize() before exporting")
     if isinstance(model, PackedModel):
         module = model.dequantized()  # layers left to TVM compute with the stored values too
+    module, packed = fold_batch_norms(module, packed)
     scanned = scan_recurrent_layers(module).eval()
     with torch.no_grad():
         program = torch.export.export(scanned, tuple(example_inputs), dynamic_shapes=_dynamic_shapes(
@@ -302,7 +318,8 @@ def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tens
                                 custom_convert_map={"recurrence.default": _recurrence_converter(param_names, weights, uses,
                                                                                               activations)})
     mod, params = relax.frontend.detach_params(mod)
-    rewriter = MatmulRewriter(mod, param_names, weights, uses, {}, activations)
+    rewriter = MatmulRewriter(mod, param_names, weights, uses, {}, activations,
+                              amx=target is not None and target_has_amx(target))
     for global_var, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(global_var, rewriter.visit_expr(func))

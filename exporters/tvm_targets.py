@@ -1,7 +1,9 @@
 """Compilation targets of the TVM exporter: the host CPU, aarch64 Linux and aarch64 Android.
 
 - ``host``: LLVM for this machine's CPU, ``target.llvm_get_system_cpu`` (TVM's "native" silently
-  falls back to a generic CPU, 1–5× slower), linked by the C++ compiler (``$CXX``, ``g++``, …).
+  falls back to a generic CPU, 1–5× slower), plus the AMX features LLVM's host detection finds
+  when the CPU's name lacks them (a virtual machine may report a Sapphire Rapids as an older
+  model), linked by the C++ compiler (``$CXX``, ``g++``, …).
 - ``aarch64-linux``: ``mtriple=aarch64-linux-gnu`` with NEON, linked into a ``.so`` by Debian's
   ``aarch64-linux-gnu-g++`` (package ``g++-aarch64-linux-gnu``).
 - ``android``: ``mtriple=aarch64-linux-android`` with NEON.  With an NDK (``ANDROID_NDK_HOME``
@@ -44,6 +46,19 @@ def host_cpu() -> str:
     return str(tvm.get_global_func("target.llvm_get_system_cpu")())
 
 
+#: CPU features added to the host target when the host has them but its CPU name does not imply
+#: them (LLVM's names): the AMX tiles of :mod:`exporters.tvm_amx_conv`.
+HOST_EXTRA_FEATURES = ("amx-tile", "amx-int8")
+
+
+def host_target() -> tvm.target.Target:
+    """LLVM target for this machine's CPU: :func:`host_cpu` plus those of
+    :data:`HOST_EXTRA_FEATURES` the host has (``tvm.codegen.llvm.GetHostCPUFeatures``)."""
+    features = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")()
+    extra = [f"+{name}" for name in HOST_EXTRA_FEATURES if name in features and bool(features[name])]
+    return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), **({"mattr": extra} if extra else {})})
+
+
 def _require(tool: str, package: str, role: str, fix: str) -> str:
     """The path of ``tool``, or a one-line error naming the Debian ``package`` that provides it."""
     path = shutil.which(tool)
@@ -76,7 +91,7 @@ def compile_target(name: str) -> CompileTarget:
     """The :class:`CompileTarget` called ``name`` (one of :data:`TARGET_NAMES`)."""
     if name == "host":
         _require_host_compiler()
-        return CompileTarget(name, tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()}), ".so")
+        return CompileTarget(name, host_target(), ".so")
     if name == "aarch64-linux":
         compiler = _require("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu", "cross compiler", "use --target host")
         target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})

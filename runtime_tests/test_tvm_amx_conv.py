@@ -1,0 +1,68 @@
+"""The int8-activation direct convolution on AMX tiles (exporters.tvm_amx_conv) and its use by
+``export_tvm(activations="int8")`` on a CPU with AMX: exact on exactly quantized inputs, within
+the rounding bound on others (runtime_tests/conv_check.py), in both orientations."""
+
+import numpy as np
+import pytest
+import torch
+
+from compressor.packed_model import PackingConfig, pack_model
+from compressor.packing import pack
+from exporters.tvm import export_tvm
+from exporters.tvm_amx_conv import amx_conv_kernel, amx_plan, amx_plans, takes_amx_conv, target_has_amx
+from exporters.tvm_conv import ConvShape
+from exporters.tvm_targets import host_target
+from runtime_tests.conv_check import SHAPES, ConvFront, assert_exact, assert_within_rounding_bound, int8_weight
+from runtime_tests.tvm_check import compare_with_torch
+
+needs_amx = pytest.mark.skipif(not target_has_amx(host_target()), reason="this CPU has no AMX (amx-tile, amx-int8)")
+
+# beyond the VNNI kernel's: kw < 4 with a height dilation, and a width dilation (runs along the height)
+AMX_SHAPES = SHAPES + [ConvShape(3, 20, 7, 37, 40, (3, 3), (1, 2), (1, 1, 1, 1), (2, 1)),
+                       ConvShape(2, 4, 20, 11, 24, (5, 3), (1, 1), (2, 1, 2, 1), (1, 2))]
+
+
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=lambda s: f"{s.tag}_{amx_plan(s).along}")
+@needs_amx
+def test_kernel_is_exact_on_exactly_quantized_inputs(shape):
+    assert_exact(amx_conv_kernel, shape)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], AMX_SHAPES[-1]], ids=lambda s: amx_plan(s).along)
+@needs_amx
+def test_kernel_stays_within_the_rounding_bound(shape):
+    assert_within_rounding_bound(amx_conv_kernel, shape)
+
+
+def test_the_orientation_with_fewer_tile_products_is_chosen():
+    ds2_conv1 = ConvShape(16, 1, 161, 100, 32, (41, 11), (2, 2), (20, 5, 20, 5), (1, 1))
+    ds2_conv2 = ConvShape(16, 32, 81, 50, 32, (21, 11), (2, 1), (10, 5, 10, 5), (1, 1))
+    # conv1: 50 columns × 6 tiles (81 rows) × 11 runs of 41 bytes (1 chunk) against
+    # 81 rows × 4 tiles (50 columns) × 41 runs of 11 bytes (1 chunk)
+    assert {p.along: p.cost for p in amx_plans(ds2_conv1)} == {"width": 81 * 4 * 41, "height": 50 * 6 * 11}
+    assert amx_plan(ds2_conv1).along == "height"
+    # conv2: 41 × 4 × 21 runs of 352 bytes (6 chunks) against 50 × 4 × 11 runs of 672 bytes (11 chunks)
+    assert {p.along: p.cost for p in amx_plans(ds2_conv2)} == {"width": 41 * 4 * 21 * 6, "height": 50 * 4 * 11 * 11}
+    assert amx_plan(ds2_conv2).along == "width"
+    assert [p.along for p in amx_plans(AMX_SHAPES[-1])] == ["height"]
+
+
+def test_only_int8_weights_with_a_unit_dilation_are_taken():
+    shape = SHAPES[0]
+    assert takes_amx_conv(shape, int8_weight(shape, 5))
+    assert not takes_amx_conv(shape, pack(np.ones((shape.out_channels, shape.cols), np.float32), "dense"))
+    dilated = ConvShape(2, 3, 9, 13, 20, (3, 5), (1, 1), (2, 2, 2, 2), (2, 2))
+    assert not takes_amx_conv(dilated, int8_weight(dilated, 5))
+    with pytest.raises(ValueError, match="unit dilation"):
+        amx_conv_kernel(dilated, int8_weight(dilated, 5))
+
+
+@needs_amx
+def test_export_with_int8_activations_runs_every_convolution_on_tiles(tmp_path):
+    torch.manual_seed(0)
+    packed = pack_model(ConvFront().eval(), PackingConfig(format="dense", dtype="int8"))
+    example = torch.randn(2, 1, 40, 24)
+    artifact = export_tvm(packed, (example,), tmp_path / "front.so", activations="int8")
+    kernels = {use.weight: use.kernel for use in artifact.kernels}
+    assert all("_amx_" in kernels[f"conv{i}.weight"] for i in (1, 2, 3)), kernels
+    assert 0 < compare_with_torch(packed.dequantized(), artifact.path, (example,)).worst < 2e-2
