@@ -5,7 +5,7 @@ compiled library would then grow with the sequence length.  :func:`scan_recurren
 returns a copy of a model whose recurrent layers compute
 
     gi = x · W_ihᵀ + b_ih                       (one matmul over all time steps)
-    y, state = recurrence(gi, state0, W_hh, b_hh, cell, reverse)
+    y, state = recurrence(gi, state0, W_hh, b_hh, cell, reverse[, addend])
 
 (for every cell but the GRU ``b_ih`` moves into the recurrence's bias instead,
 ``gi = x · W_ihᵀ`` and ``b_hh + b_ih``: :func:`joins_recurrent_bias`)
@@ -19,7 +19,8 @@ equations (gate orders as in PyTorch)::
            c' = f ⊙ c + i ⊙ g,  h' = o ⊙ tanh(c')
     rnn_tanh / rnn_relu / rnn_clipped_relu (DS2's min(max(·, 0), 20)):  h' = act(gi + gh)
 
-with ``gh = h · W_hhᵀ + b_hh``.  The TVM exporter maps the operator to a TIR kernel over the
+with ``gh = h · W_hhᵀ + b_hh``.  DS2's layers sum their two directions: the backward loop takes
+the forward one's ``y`` as ``addend`` and returns the sum, so that no pass of its own adds them.  The TVM exporter maps the operator to a TIR kernel over the
 packed ``W_hh`` (:mod:`exporters.tvm_recurrence_kernel`); parameter names are unchanged, so
 ``PackedModel`` entries still name the weights.
 """
@@ -62,9 +63,13 @@ def cell_step(cell: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor) -> tuple[
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
-def recurrence(gi: Tensor, state: Tensor, w_hh: Tensor, b_hh: Tensor, cell: str, reverse: bool) -> tuple[Tensor, Tensor]:
+def recurrence(gi: Tensor, state: Tensor, w_hh: Tensor, b_hh: Tensor, cell: str, reverse: bool,
+               addend: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The time loop of one direction: ``gi [T, B, G·H]``, ``state [S, B, H]`` (S = 2 for LSTM:
-    h and c, else 1) → ``y [T, B, H]`` and the final state ``[S, B, H]``."""
+    h and c, else 1) → ``y [T, B, H]`` and the final state ``[S, B, H]``.  With ``addend``
+    (``[T, B, H]``, the other direction's ``y`` of a layer that sums its directions) ``y`` is
+    ``h + addend``: the TVM kernel adds it as it writes ``h``, in place of ``addend``, which the
+    caller must not use again."""
     h = state[0]
     c = state[1] if cell == "lstm" else state[0]
     steps = range(gi.shape[0] - 1, -1, -1) if reverse else range(gi.shape[0])
@@ -73,11 +78,13 @@ def recurrence(gi: Tensor, state: Tensor, w_hh: Tensor, b_hh: Tensor, cell: str,
         h, c = cell_step(cell, gi[t], torch.nn.functional.linear(h, w_hh, b_hh), h, c)
         ys[t] = h
     final = torch.stack([h, c]) if cell == "lstm" else h.unsqueeze(0)
-    return torch.stack(ys) if ys else gi.new_empty(0, *state.shape[1:]), final.contiguous()
+    y = torch.stack(ys) if ys else gi.new_empty(0, *state.shape[1:])
+    return (y if addend is None else y + addend), final.contiguous()
 
 
 @recurrence.register_fake
-def _(gi: Tensor, state: Tensor, w_hh: Tensor, b_hh: Tensor, cell: str, reverse: bool) -> tuple[Tensor, Tensor]:
+def _(gi: Tensor, state: Tensor, w_hh: Tensor, b_hh: Tensor, cell: str, reverse: bool,
+      addend: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return gi.new_empty(gi.shape[0], gi.shape[1], w_hh.shape[1]), torch.empty_like(state)
 
 
@@ -156,8 +163,8 @@ class ScanSharedInputBiRecurrent(nn.Module):
             b_forward, b_backward = b_ih + b_forward, b_ih + b_backward
         state = x.new_zeros(1, x.shape[1], self.hidden_size)
         forward, _ = recurrence(gi, state, self.forward_hh.weight, b_forward, self.cell, False)
-        backward, _ = recurrence(gi, state, self.backward_hh.weight, b_backward, self.cell, True)
-        return forward + backward
+        summed, _ = recurrence(gi, state, self.backward_hh.weight, b_backward, self.cell, True, forward)
+        return summed
 
 
 def scan_recurrent_layers(model: nn.Module) -> nn.Module:

@@ -66,9 +66,10 @@ def _lanes(size: int) -> int:
     return next(v for v in (16, 8, 4, 2, 1) if size % v == 0)
 
 
-def _cell_update(cell: str, transposed: bool):
+def _cell_update(cell: str, transposed: bool, summed: bool):
     """A TIR macro computing the new state of one unit from its gate pre-activations ``gate``;
-    ``h_buf`` is ``[2, B, H]``, or ``[2, H, B]`` with ``transposed``."""
+    ``h_buf`` is ``[2, B, H]``, or ``[2, H, B]`` with ``transposed``; ``summed`` adds ``h`` to
+    what ``y`` holds (the other direction's output) instead of storing it."""
 
     @T.macro
     def update(gi, gate, h_buf, c_buf, cur, nxt, y, tt, b, unit, hidden):
@@ -101,17 +102,20 @@ def _cell_update(cell: str, transposed: bool):
             h_buf[nxt, unit, b] = h[1]
         else:
             h_buf[nxt, b, unit] = h[1]
-        y[tt, b, unit] = h[1]
+        if summed:
+            y[tt, b, unit] = y[tt, b, unit] + h[1]
+        else:
+            y[tt, b, unit] = h[1]
 
     return update
 
 
 def _sparse_kernel(cell: str, hidden: int, batch: int, rows: int, cols: int, wdtype: str, ptr_dtype: str,
-                   idx_dtype: str, reverse: bool, int8: bool):
+                   idx_dtype: str, reverse: bool, int8: bool, summed: bool):
     gates, states = GATES[cell], 2 if cell == "lstm" else 1
     blocks = hidden // rows
     block_row = rows_block_row(gates * hidden, rows, cols, batch, wdtype, int8)
-    update = _cell_update(cell, transposed=True)
+    update = _cell_update(cell, transposed=True, summed=summed)
 
     @T.prim_func
     def kernel(gi_h: T.handle, state: T.Buffer((states, batch, hidden), FP32), data_h: T.handle, indices_h: T.handle,
@@ -178,13 +182,13 @@ def _quantize_state(hidden: int, batch: int, tiles_n: int):
     return quantize
 
 
-def _vnni_kernel(cell: str, hidden: int, batch: int, itype: str, reverse: bool):
+def _vnni_kernel(cell: str, hidden: int, batch: int, itype: str, reverse: bool, summed: bool):
     gates, states = GATES[cell], 2 if cell == "lstm" else 1
     blocks, rows_total = hidden // ROWS, gates * hidden
     tiles_n = -(-batch // ROW_TILE)
     block_row = vnni_block_row(rows_total)
     quantize = _quantize_state(hidden, batch, tiles_n)
-    update = _cell_update(cell, transposed=True)
+    update = _cell_update(cell, transposed=True, summed=summed)
 
     @T.prim_func
     def kernel(gi_h: T.handle, state: T.Buffer((states, batch, hidden), FP32), tiles_h: T.handle,
@@ -236,11 +240,11 @@ def takes_int8_recurrence(cell: str, weight: PackedWeight, batch: int) -> bool:
     return takes_int8_activations(weight) and batch >= MIN_ROWS and weight.matrix_shape[1] % ROWS == 0
 
 
-def _dense_kernel(cell: str, hidden: int, batch: int, wdtype: str, reverse: bool, int8: bool):
+def _dense_kernel(cell: str, hidden: int, batch: int, wdtype: str, reverse: bool, int8: bool, summed: bool):
     gates, states = GATES[cell], 2 if cell == "lstm" else 1
     lanes = _lanes(hidden)
     chunk = _batch_chunk(batch, gates * lanes)
-    update = _cell_update(cell, transposed=False)
+    update = _cell_update(cell, transposed=False, summed=summed)
 
     @T.prim_func
     def kernel(gi_h: T.handle, state: T.Buffer((states, batch, hidden), FP32),
@@ -289,8 +293,12 @@ def _dense_kernel(cell: str, hidden: int, batch: int, wdtype: str, reverse: bool
 
 
 def recurrence_kernel(cell: str, weight: PackedWeight, batch: int, reverse: bool,
-                      activations: str = "fp32") -> RecurrenceKernel:
+                      activations: str = "fp32", summed: bool = False) -> RecurrenceKernel:
     """The kernel for one direction of a ``cell`` layer whose ``W_hh`` is ``weight``.
+
+    ``summed`` gives the kernel of a direction whose output is added to the other's (the
+    ``addend`` of :func:`~exporters.recurrence.recurrence`): it adds ``h`` into ``y``, which then
+    holds that output on entry (``call_tir_inplace``).
 
     ``activations="int8"`` quantizes ``h`` when :func:`takes_int8_recurrence` (compile for a target
     with AVX-512 VNNI); otherwise, and with ``"fp32"``, ``h`` stays fp32.  A BSR block that does not fit the gate layout (``r`` or ``c`` not dividing ``H``) is
@@ -305,14 +313,14 @@ def recurrence_kernel(cell: str, weight: PackedWeight, batch: int, reverse: bool
     int8 = weight.dtype == "int8"
     wdtype = "int8" if int8 else FP32
     scales = weight.arrays["scales"] if int8 else np.ones(rows_total, np.float32)
-    direction = "reverse" if reverse else "forward"
+    direction = ("reverse" if reverse else "forward") + ("_summed" if summed else "")
     if activations == "int8" and takes_int8_recurrence(cell, weight, batch):
         constants = vnni_layout(weight)
-        func = _vnni_kernel(cell, hidden, batch, constants[1].dtype.name, reverse)
+        func = _vnni_kernel(cell, hidden, batch, constants[1].dtype.name, reverse, summed)
         name = f"recurrence_{cell}_bsr16x1_int8_u8_b{batch}_h{hidden}_{direction}_vnni"
         return RecurrenceKernel(func.with_attr("global_symbol", name), name, constants)
     if weight.format == "dense":
-        func = _dense_kernel(cell, hidden, batch, wdtype, reverse, int8)
+        func = _dense_kernel(cell, hidden, batch, wdtype, reverse, int8, summed)
         name = f"recurrence_{cell}_dense_{weight.dtype}_b{batch}_h{hidden}_{direction}"
         return RecurrenceKernel(func.with_attr("global_symbol", name), name,
                                 (weight.arrays["values"].reshape(rows_total, hidden), scales))
@@ -322,7 +330,8 @@ def recurrence_kernel(cell: str, weight: PackedWeight, batch: int, reverse: bool
         rows = cols = 1
     values = weight.arrays["values"].reshape(-1, rows, cols).transpose(0, 2, 1)
     indptr, indices = weight.arrays["indptr"], weight.arrays["indices"]
-    func = _sparse_kernel(cell, hidden, batch, rows, cols, wdtype, str(indptr.dtype), str(indices.dtype), reverse, int8)
+    func = _sparse_kernel(cell, hidden, batch, rows, cols, wdtype, str(indptr.dtype), str(indices.dtype), reverse, int8,
+                          summed)
     name = f"recurrence_{cell}_bsr{rows}x{cols}_{weight.dtype}_b{batch}_h{hidden}_{direction}"
     return RecurrenceKernel(func.with_attr("global_symbol", name), name,
                             (np.ascontiguousarray(values), indices, indptr, weight.arrays["scales"] if int8 else scales))

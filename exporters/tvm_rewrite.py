@@ -257,22 +257,27 @@ def _recurrence_converter(param_names: dict[str, str], weights: _Weights, uses: 
     def convert(node: torch.fx.Node, importer) -> relax.Var:
         gi, state, _, b_hh = (importer.env[a] for a in node.args[:4])
         cell, reverse = node.args[4], bool(node.args[5])
+        addend = node.args[6] if len(node.args) > 6 else node.kwargs.get("addend")
         name = param_names.get(node.args[2].name)
         if name is None:
             raise ValueError(f"the recurrent weight {node.args[2].name} is not a parameter of the model")
         weight = weights.get(name)
         steps, batch, _ = gi.ty.shape.values
         states, _, hidden = (int(v) for v in state.ty.shape.values)
-        kernel = recurrence_kernel(cell, weight, int(batch), reverse, activations)
+        kernel = recurrence_kernel(cell, weight, int(batch), reverse, activations, summed=addend is not None)
         builder = importer.block_builder
         if kernel.name not in kernels:
             kernels[kernel.name] = builder.add_func(kernel.func, kernel.name)
         uses.append(KernelUse(name, kernel.name, _format_tag(weight), weight.dtype,
                               sum(int(c.nbytes) for c in kernel.constants)))
-        out = relax.call_tir(kernels[kernel.name], [gi, state, *(relax.const(c) for c in kernel.constants), b_hh],
-                             [relax.TensorType((steps, batch, hidden), "float32"),
-                              relax.TensorType((states, batch, hidden), "float32")])
-        return builder.emit(out)
+        args = [gi, state, *(relax.const(c) for c in kernel.constants), b_hh]
+        y_type = relax.TensorType((steps, batch, hidden), "float32")
+        final_type = relax.TensorType((states, batch, hidden), "float32")
+        if addend is None:
+            return builder.emit(relax.call_tir(kernels[kernel.name], args, [y_type, final_type]))
+        # y is written into the addend (the other direction's output, used by nothing else)
+        return builder.emit(relax.call_tir_inplace(kernels[kernel.name], [*args, importer.env[addend]],
+                                                   [len(args), -1], [y_type, final_type]))
 
     return convert
 

@@ -62,7 +62,8 @@ def test_recurrence_kernel_matches_pytorch(cell, packing, dtype, batch, tmp_path
 
 
 def test_clipped_relu_cell_of_the_ds2_layer(tmp_path):
-    """DS2's min(max(·, 0), 20) cell, with inputs large enough to reach the clip."""
+    """DS2's min(max(·, 0), 20) cell, with inputs large enough to reach the clip (through the input
+    bias, which the export adds inside the recurrence: exporters.recurrence.joins_recurrent_bias)."""
     from compressor.zoo import build_model
 
     torch.manual_seed(0)
@@ -77,4 +78,7 @@ def test_clipped_relu_cell_of_the_ds2_layer(tmp_path):
         hidden = reference.rnns[0](reference.conv(example).flatten(1, 2).permute(2, 0, 1))
     assert float(hidden.max()) == 40.0 and float(hidden.min()) == 0.0  # both directions clipped at 20 and at 0
     artifact = export_tvm(packed, (example,), tmp_path / "ds2.so")
+    # the backward loop adds its output into the forward one's (no pass of its own sums them)
+    assert sorted(u.kernel.split("_h48_")[1] for u in artifact.kernels if u.kernel.startswith("recurrence")) == [
+        "forward", "reverse_summed"]
     assert compare_with_torch(reference, artifact.path, (example,)).worst < FP32_RTOL
