@@ -45,6 +45,7 @@ from compressor.packing import PackedWeight
 
 from .tvm_conv import ConvShape, _padded_extent
 from .tvm_direct_conv import takes_direct
+from .tvm_vnni_conv import per_tensor_scale
 from .tvm_vnni_kernel import ROWS, quantize_u8
 
 #: The CPU features the kernel needs (LLVM's names).
@@ -166,7 +167,7 @@ def amx_conv_kernel(shape: ConvShape, weight: PackedWeight) -> tuple[tvm.tirx.Pr
     step = SP * C                       # bytes between the rows of an A tile
     total = N * C * HP * WX
     slack = ROWS * step + NCH * CHUNK   # what the last tile's rows and chunks read past u
-    whole = total // ROWS * ROWS
+    tensor_scale = per_tensor_scale(total)
     last = max(PO - ROWS, 0)
     QB = math.ceil(QO / ROWS)          # blocks of 16 output rows q, one a task: its stores share cache lines
 
@@ -181,19 +182,9 @@ def amx_conv_kernel(shape: ConvShape, weight: PackedWeight) -> tuple[tvm.tirx.Pr
             "export for a target without amx-tile"
         flat = T.decl_buffer((total,), "float32", data=xp.data)
         u = T.alloc_buffer((total + slack,), "uint8")
-        lanes = T.decl_buffer((ROWS,), "float32")
-        for lane in T.vectorized(ROWS):
-            lanes[lane] = T.float32(0)
-        for o in range(total // ROWS):
-            for lane in T.vectorized(ROWS):
-                lanes[lane] = T.max(lanes[lane], T.fabs(flat[o * ROWS + lane]))
-        for e in range(whole, total):
-            lanes[0] = T.max(lanes[0], T.fabs(flat[e]))
-        amax = T.decl_buffer((1,), "float32")
-        amax[0] = T.float32(0)
-        for lane in range(ROWS):
-            amax[0] = T.max(amax[0], lanes[lane])
-        scale_x = T.bind(T.if_then_else(amax[0] > T.float32(0), amax[0] / T.float32(127), T.float32(1)))
+        scale = T.decl_buffer((1,), "float32")
+        tensor_scale(flat, scale)
+        scale_x = T.bind(scale[0])
         inv_scale = T.bind(T.float32(1) / scale_x)
         for nq in T.parallel(N * QN):  # u[n, q, p, c]: channels last, runs along p
             for p in range(PN):
