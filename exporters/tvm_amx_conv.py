@@ -178,8 +178,8 @@ def amx_conv_kernel(shape: ConvShape, weight: PackedWeight) -> tuple[tvm.tirx.Pr
         T.func_attr({"tirx.noalias": True})
         granted = T.call_extern("int64", "syscall", T.int64(_SYS_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
                                 T.int64(_XFEATURE_XTILEDATA))
-        assert granted == T.int64(0), "the OS refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM): " \
-            "export for a target without amx-tile"
+        assert granted == T.int64(0), "this CPU or its OS refused the AMX tile state (arch_prctl " \
+            "ARCH_REQ_XCOMP_PERM): the library was compiled for a CPU with AMX; export it on the machine that runs it"
         flat = T.decl_buffer((total,), "float32", data=xp.data)
         u = T.alloc_buffer((total + slack,), "uint8")
         scale = T.decl_buffer((1,), "float32")
