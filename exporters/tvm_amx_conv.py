@@ -16,12 +16,15 @@ an A tile holds one chunk for 16 neighbouring output positions (its rows ``sw ·
 apart: tiles read overlapping rows in place, no im2col), a B tile the matching 64 weights of 16
 output channels in the VNNI order ``Wb[g, i, ch, r, 4 v + t] = q[16 g + v, k = 64 ch + 4 r + t]``
 with ``k = j · Cin + c`` (zero past ``kw · Cin`` and past ``Cout``: the bytes a last chunk reads
-past its run are multiplied by zeros).  Each task, one ``(n, oh)`` row and 32 output positions,
-keeps 2 × 2 accumulator tiles (32 positions × 32 channels) for a pair of channel groups, adds
-``kh · ⌈kw · Cin / 64⌉`` chunks into them (two A and two B tile loads, four ``tdpbusd``), stores
-them and scales them into ``out``.  The last tiles of a row start at ``Wout − 16`` (overlapping
-the one before: same sums); with fewer than 16 positions the extra rows read the slack past ``u``
-and are not stored.
+past its run are multiplied by zeros).  The roles of width and height can be swapped
+(:class:`AmxPlan`: ``u[N, Wx, Hp, Cin]``, runs of ``kh · Cin`` bytes, height dilation 1), and
+:func:`amx_plan` takes the orientation with fewer tile products.  Each task takes two tiles of
+positions along the runs' axis, for up to 16 neighbouring output rows of the other axis one after
+the other (their stores share cache lines), and for each row and pair of channel groups keeps
+2 × 2 accumulator tiles (32 positions × 32 channels), adds ``kq · ⌈kp · Cin / 64⌉`` chunks into
+them (two A and two B tile loads, four ``tdpbusd``), stores them and scales them into ``out``.
+The last tiles of a row start at ``Pout − 16`` (overlapping the one before: same sums); with
+fewer than 16 positions the extra rows read the slack past ``u`` and are not stored.
 
 Linux hands out the AMX tile state on request only: every call first asks for it
 (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, a no-op after the first) and fails with
