@@ -46,9 +46,9 @@ from tvm.script import tirx as T
 
 from compressor.packing import PackedWeight
 
-from .tvm_conv import ConvShape, _padded_extent
+from .tvm_conv import ConvShape, _padded_extent, _sized, _without_static_sizes
 from .tvm_direct_conv import takes_direct
-from .tvm_vnni_conv import per_tensor_scale
+from .tvm_vnni_conv import tensor_scale
 from .tvm_vnni_kernel import ROWS, quantize_u8
 
 #: The CPU features the kernel needs (LLVM's names).
@@ -66,10 +66,9 @@ def target_has_amx(target: tvm.target.Target) -> bool:
 
 def takes_amx_conv(shape: ConvShape, weight: PackedWeight) -> bool:
     """Whether :func:`amx_conv_kernel` takes this convolution: an int8 weight stored at least half
-    dense (:func:`~exporters.tvm_direct_conv.takes_direct`), static sizes and a unit dilation along
-    the width or the height."""
-    return (weight.dtype == "int8" and takes_direct(weight) and not shape.symbolic
-            and 1 in shape.dilation)
+    dense (:func:`~exporters.tvm_direct_conv.takes_direct`) and an orientation (:func:`amx_plans`):
+    a unit dilation along the width or the height, that axis of a static size."""
+    return weight.dtype == "int8" and takes_direct(weight) and bool(amx_plans(shape))
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class AmxPlan:
     and the other one, ``q``: the window's ``kp`` taps along ``p`` (dilation 1, input stride
     ``sp``) make the run of ``kp · Cin`` bytes, its ``kq`` taps along ``q`` (stride ``sq``,
     dilation ``dq``) the loop over runs; ``pn``, ``qn`` are the padded input's extents and ``po``,
-    ``qo`` the output's."""
+    ``qo`` the output's (``qn``, ``qo`` may be run-time sizes)."""
 
     along: str
     kp: int
@@ -88,8 +87,8 @@ class AmxPlan:
     kq: int
     sq: int
     dq: int
-    qn: int
-    qo: int
+    qn: int | tvm.ir.Expr
+    qo: int | tvm.ir.Expr
     channels: int
 
     @property
@@ -110,7 +109,8 @@ class AmxPlan:
 
 def amx_plans(shape: ConvShape) -> list[AmxPlan]:
     """The orientations the kernel can take for ``shape``: runs along the width (``dw = 1``) and
-    along the height (``dh = 1``)."""
+    along the height (``dh = 1``), where that axis has a static size (a spectrogram with a run-time
+    time axis runs along its frequencies)."""
     HP, WP, VW = _padded_extent(shape)
     (KH, KW), (SH, SW), (DH, DW) = shape.kernel, shape.stride, shape.dilation
     C, HO, WO = shape.channels, shape.out_height, shape.out_width
@@ -119,7 +119,7 @@ def amx_plans(shape: ConvShape) -> list[AmxPlan]:
         plans.append(AmxPlan("width", KW, SW, WP + VW, WO, KH, SH, DH, HP, HO, C))
     if DH == 1:
         plans.append(AmxPlan("height", KH, SH, HP, HO, KW, SW, DW, WP + VW, WO, C))
-    return plans
+    return [plan for plan in plans if isinstance(plan.pn, int) and isinstance(plan.po, int)]
 
 
 def amx_plan(shape: ConvShape) -> AmxPlan:
@@ -128,8 +128,9 @@ def amx_plan(shape: ConvShape) -> AmxPlan:
     each, rather than 41 runs of 11."""
     plans = amx_plans(shape)
     if not plans:
-        raise ValueError(f"the AMX convolution needs a unit dilation along the width or the height; got {shape.tag}")
-    return min(plans, key=lambda plan: plan.cost)
+        raise ValueError(f"the AMX convolution needs a unit dilation along the width or the height, that axis of "
+                         f"static size; got {shape.tag}")
+    return plans[0] if len(plans) == 1 else min(plans, key=lambda plan: plan.cost)
 
 
 def amx_conv_layout(shape: ConvShape, weight: PackedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -153,32 +154,42 @@ def amx_conv_layout(shape: ConvShape, weight: PackedWeight) -> tuple[np.ndarray,
 
 def amx_conv_kernel(shape: ConvShape, weight: PackedWeight) -> tuple[tvm.tirx.PrimFunc, str, tuple[np.ndarray, ...]]:
     """The kernel, its name and its constants (:func:`amx_conv_layout`).  The function takes
-    ``(xp, *constants, out)``: ``xp[N·Cin, Hp, Wp + VW]`` from :func:`~exporters.tvm_conv.pad_kernel`
-    and ``out[N, Cout, Hout·Wout]``, as :func:`~exporters.tvm_direct_conv.direct_conv_kernel`."""
+    ``(xp, H, W, *constants, out)``, as :func:`~exporters.tvm_direct_conv.direct_conv_kernel`:
+    ``xp[N·Cin, Hp, Wp + VW]`` from :func:`~exporters.tvm_conv.pad_kernel` (or ``pad_kernel_dyn``),
+    the input height and width only where they are run-time values, ``out[N, Cout, Hout·Wout]``."""
     if not takes_amx_conv(shape, weight):
-        raise ValueError(f"the AMX convolution takes int8 weights stored dense, static sizes and a unit dilation "
-                         f"along the width or the height; got {weight.dtype} {shape.tag}")
+        raise ValueError(f"the AMX convolution takes int8 weights stored dense and a unit dilation along the width "
+                         f"or the height, that axis of static size; got {weight.dtype} {shape.tag}")
     plan = amx_plan(shape)
     N, C, CO = shape.batch, shape.channels, shape.out_channels
-    HP, WP, VW = _padded_extent(shape)
-    WX, WO = WP + VW, shape.out_width
-    KQ, SQ, DQ, QN, QO, SP, PN, PO = plan.kq, plan.sq, plan.dq, plan.qn, plan.qo, plan.sp, plan.pn, plan.po
+    KQ, SQ, DQ, SP, PN, PO = plan.kq, plan.sq, plan.dq, plan.sp, plan.pn, plan.po
     WIDTH = plan.along == "width"
     G, NCH = math.ceil(CO / ROWS), plan.chunks
     MP, GP = plan.tiles // 2, math.ceil(G / 2)
     R = min(ROWS, PO)                   # rows of a tile that are stored
     step = SP * C                       # bytes between the rows of an A tile
-    total = N * C * HP * WX
     slack = ROWS * step + NCH * CHUNK   # what the last tile's rows and chunks read past u
-    tensor_scale = per_tensor_scale(total)
     last = max(PO - ROWS, 0)
-    QB = math.ceil(QO / ROWS)          # blocks of 16 output rows q, one a task: its stores share cache lines
+
+    def dims(H, W) -> dict:
+        """The sizes that depend on the input's (``H``, ``W``: the kernel's parameters)."""
+        sized = _sized(shape, H, W)
+        hp, wp, vw = _padded_extent(sized)
+        ho, wo = sized.out_height, sized.out_width
+        return {"hp": hp, "wx": wp + vw, "out": ho * wo, "wo": wo, "qn": hp if WIDTH else wp + vw,
+                "qo": ho if WIDTH else wo, "total": N * C * hp * (wp + vw)}
 
     @T.prim_func
-    def kernel(xp: T.Buffer((N * C, HP, WX), "float32"), wb: T.Buffer((G, KQ, NCH, ROWS, CHUNK), "int8"),
-               correction: T.Buffer((G * ROWS,), "int32"), scales: T.Buffer((G * ROWS,), "float32"),
-               out: T.Buffer((N, CO, shape.out_height * WO), "float32")):
+    def kernel(xp_h: T.handle, H: T.int64, W: T.int64, wb: T.Buffer((G, KQ, NCH, ROWS, CHUNK), "int8"),
+               correction: T.Buffer((G * ROWS,), "int32"), scales: T.Buffer((G * ROWS,), "float32"), out_h: T.handle):
         T.func_attr({"tirx.noalias": True})
+        xp = T.match_buffer(xp_h, (N * C, dims(H, W)["hp"], dims(H, W)["wx"]), "float32")
+        out = T.match_buffer(out_h, (N, CO, dims(H, W)["out"]), "float32")
+        WO = T.bind(T.Cast("int32", dims(H, W)["wo"]))
+        QN = T.bind(T.Cast("int32", dims(H, W)["qn"]))
+        QO = T.bind(T.Cast("int32", dims(H, W)["qo"]))
+        total = T.bind(T.Cast("int32", dims(H, W)["total"]))
+        QB = T.bind((QO + ROWS - 1) // ROWS)  # blocks of 16 output rows q, one a task: its stores share cache lines
         granted = T.call_extern("int64", "syscall", T.int64(_SYS_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
                                 T.int64(_XFEATURE_XTILEDATA))
         assert granted == T.int64(0), "this CPU or its OS refused the AMX tile state (arch_prctl " \
@@ -186,7 +197,7 @@ def amx_conv_kernel(shape: ConvShape, weight: PackedWeight) -> tuple[tvm.tirx.Pr
         flat = T.decl_buffer((total,), "float32", data=xp.data)
         u = T.alloc_buffer((total + slack,), "uint8")
         scale = T.decl_buffer((1,), "float32")
-        tensor_scale(flat, scale)
+        tensor_scale(flat, scale, total)
         scale_x = T.bind(scale[0])
         inv_scale = T.bind(T.float32(1) / scale_x)
         for nq in T.parallel(N * QN):  # u[n, q, p, c]: channels last, runs along p
@@ -250,5 +261,5 @@ def amx_conv_kernel(shape: ConvShape, weight: PackedWeight) -> tuple[tvm.tirx.Pr
                                             "float32", acc[t, r, v] - correction[g * ROWS + v]) * (scales[g * ROWS + v] * scale_x)
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
 
-    name = f"direct_conv_int8_u8_{shape.tag}_o{CO}_amx_{plan.along[0]}"
-    return kernel.with_attr("global_symbol", name), name, amx_conv_layout(shape, weight)
+    func, name = _without_static_sizes(kernel, shape, f"direct_conv_int8_u8_{shape.tag}_o{CO}_amx_{plan.along[0]}")
+    return func, name, amx_conv_layout(shape, weight)

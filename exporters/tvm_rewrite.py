@@ -301,8 +301,8 @@ def to_relax(model: nn.Module | PackedModel, example_inputs: Sequence[torch.Tens
     (:mod:`exporters.tvm_recurrence_kernel`); convolutions over int8 weights stored dense, with
     static sizes, width stride and dilation 1 and ``kw >= 4``, run the integer direct convolution
     of :mod:`exporters.tvm_vnni_conv`, or, for a ``target`` with AMX (``amx-tile``, ``amx-int8``),
-    those with a unit width or height dilation the tile convolution of :mod:`exporters.tvm_amx_conv`;
-    every other operator keeps fp32 activations."""
+    those with a unit dilation along an axis of static size (a run-time width included) the tile
+    convolution of :mod:`exporters.tvm_amx_conv`; every other operator keeps fp32 activations."""
     if activations not in ("fp32", "int8"):
         raise ValueError(f"unknown activations {activations!r}: use fp32 or int8")
     module, packed = (model.module, model.weights) if isinstance(model, PackedModel) else (model, {})

@@ -28,7 +28,6 @@ see ``docs/tvm.md`` (int8 activations).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import tvm
@@ -46,28 +45,23 @@ MIN_KERNEL_WIDTH = 4
 _ZERO_POINT = 128
 
 
-def per_tensor_scale(total: int) -> Callable:
-    """A TIR macro ``(flat, scale)``: ``scale[0] = max|flat[0 : total]| / 127`` (1 for all zeros),
-    the per-tensor scale :func:`~exporters.tvm_vnni_kernel.quantize_u8` divides by, 16 lanes at a
-    time.  Shared by the VNNI and the AMX convolutions."""
-    whole = total // ROWS * ROWS
-
-    @T.macro
-    def tensor_scale(flat, scale):
-        lanes = T.decl_buffer((ROWS,), "float32")
+@T.macro
+def tensor_scale(flat, scale, total):
+    """``scale[0] = max|flat[0 : total]| / 127`` (1 for all zeros), the per-tensor scale
+    :func:`~exporters.tvm_vnni_kernel.quantize_u8` divides by, 16 lanes at a time (``total`` an
+    int or a run-time size).  Shared by the VNNI and the AMX convolutions."""
+    lanes = T.decl_buffer((ROWS,), "float32")
+    for lane in T.vectorized(ROWS):
+        lanes[lane] = T.float32(0)
+    for o in range(total // ROWS):
         for lane in T.vectorized(ROWS):
-            lanes[lane] = T.float32(0)
-        for o in range(total // ROWS):
-            for lane in T.vectorized(ROWS):
-                lanes[lane] = T.max(lanes[lane], T.fabs(flat[o * ROWS + lane]))
-        for e in range(whole, total):
-            lanes[0] = T.max(lanes[0], T.fabs(flat[e]))
-        scale[0] = T.float32(0)
-        for lane in range(ROWS):
-            scale[0] = T.max(scale[0], lanes[lane])
-        scale[0] = T.if_then_else(scale[0] > T.float32(0), scale[0] / T.float32(127), T.float32(1))
-
-    return tensor_scale
+            lanes[lane] = T.max(lanes[lane], T.fabs(flat[o * ROWS + lane]))
+    for e in range(total // ROWS * ROWS, total):
+        lanes[0] = T.max(lanes[0], T.fabs(flat[e]))
+    scale[0] = T.float32(0)
+    for lane in range(ROWS):
+        scale[0] = T.max(scale[0], lanes[lane])
+    scale[0] = T.if_then_else(scale[0] > T.float32(0), scale[0] / T.float32(127), T.float32(1))
 
 
 def takes_vnni_conv(shape: ConvShape, weight: PackedWeight) -> bool:
@@ -106,7 +100,7 @@ def vnni_conv_kernel(shape: ConvShape, weight: PackedWeight) -> tuple[tvm.tirx.P
     WX, HO, WO = WP + VW, shape.out_height, shape.out_width
     G, JQ = math.ceil(CO / ROWS), math.ceil(KW / GROUP)
     KQ, P, total = C * KH * JQ, tile_width(WO), N * C * HP * WX
-    tensor_scale, whole = per_tensor_scale(total), total // ROWS * ROWS
+    whole = total // ROWS * ROWS
     dpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
 
     @T.prim_func
@@ -117,7 +111,7 @@ def vnni_conv_kernel(shape: ConvShape, weight: PackedWeight) -> tuple[tvm.tirx.P
         flat = T.decl_buffer((total,), "float32", data=xp.data)
         u = T.alloc_buffer((total,), "uint8")
         scale = T.decl_buffer((1,), "float32")
-        tensor_scale(flat, scale)
+        tensor_scale(flat, scale, total)
         scale_x = T.bind(scale[0])
         inv_scale = T.bind(T.float32(1) / scale_x)
         for o in T.parallel(total // ROWS):

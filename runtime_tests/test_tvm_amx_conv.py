@@ -5,6 +5,7 @@ the rounding bound on others (runtime_tests/conv_check.py), in both orientations
 import numpy as np
 import pytest
 import torch
+import tvm
 
 from compressor.packed_model import PackingConfig, pack_model
 from compressor.packing import pack
@@ -45,6 +46,12 @@ def test_the_orientation_with_fewer_tile_products_is_chosen():
     assert {p.along: p.cost for p in amx_plans(ds2_conv2)} == {"width": 41 * 4 * 21 * 6, "height": 50 * 4 * 11 * 11}
     assert amx_plan(ds2_conv2).along == "width"
     assert [p.along for p in amx_plans(AMX_SHAPES[-1])] == ["height"]
+    # a run-time time axis (the width): the runs go along the static frequencies
+    streaming = ConvShape(1, 32, 81, tvm.tirx.Var("W", "int64"), 32, (21, 11), (2, 1), (10, 5, 10, 5), (1, 1))
+    assert [p.along for p in amx_plans(streaming)] == ["height"]
+    both = ConvShape(1, 32, tvm.tirx.Var("H", "int64"), tvm.tirx.Var("W", "int64"), 32, (3, 3), (1, 1),
+                     (1, 1, 1, 1), (1, 1))
+    assert amx_plans(both) == [] and not takes_amx_conv(both, int8_weight(SHAPES[0], 5))
 
 
 def test_only_int8_weights_with_a_unit_dilation_are_taken():
@@ -66,3 +73,17 @@ def test_export_with_int8_activations_runs_every_convolution_on_tiles(tmp_path):
     kernels = {use.weight: use.kernel for use in artifact.kernels}
     assert all("_amx_" in kernels[f"conv{i}.weight"] for i in (1, 2, 3)), kernels
     assert 0 < compare_with_torch(packed.dequantized(), artifact.path, (example,)).worst < 2e-2
+
+
+@needs_amx
+def test_export_with_a_run_time_width_runs_along_the_height(tmp_path):
+    """A spectrogram's time axis as a run-time size (``dynamic_axes``): one library for every
+    length, its convolutions on tiles along the static frequencies."""
+    torch.manual_seed(0)
+    packed = pack_model(ConvFront().eval(), PackingConfig(format="dense", dtype="int8"))
+    artifact = export_tvm(packed, (torch.randn(2, 1, 40, 24),), tmp_path / "front.so", dynamic_axes={0: [3]},
+                          activations="int8")
+    kernels = [use.kernel for use in artifact.kernels if use.weight.startswith("conv")]
+    assert len(kernels) == 3 and all("_wdyn_" in k and k.endswith("_amx_h") for k in kernels), kernels
+    for frames in (5, 24, 100):  # fewer than one tile of 16 positions, and several
+        assert 0 < compare_with_torch(packed.dequantized(), artifact.path, (torch.randn(2, 1, 40, frames),)).worst < 2e-2
