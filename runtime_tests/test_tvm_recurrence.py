@@ -82,3 +82,30 @@ def test_clipped_relu_cell_of_the_ds2_layer(tmp_path):
     assert sorted(u.kernel.split("_h48_")[1] for u in artifact.kernels if u.kernel.startswith("recurrence")) == [
         "forward", "reverse_summed"]
     assert compare_with_torch(reference, artifact.path, (example,)).worst < FP32_RTOL
+
+
+def test_inlined_tanh_and_sigmoid_are_within_5e_7_of_numpy():
+    """The cell equations' rational tanh (exporters.tvm_recurrence_kernel.fast_tanh) and the
+    sigmoid through it, over [-20, 20] (clamped beyond ±9)."""
+    import numpy as np
+    import tvm
+    from tvm.script import tirx as T
+
+    from exporters.tvm_recurrence_kernel import fast_sigmoid, fast_tanh
+    from exporters.tvm_targets import host_target
+
+    n = 40001
+
+    @T.prim_func
+    def both(x: T.Buffer((n,), "float32"), tanh: T.Buffer((n,), "float32"), sigmoid: T.Buffer((n,), "float32")):
+        T.func_attr({"global_symbol": "both"})
+        for i in range(n):
+            tanh[i] = fast_tanh(x[i])
+            sigmoid[i] = fast_sigmoid(x[i])
+
+    x = np.linspace(-20, 20, n, dtype=np.float32)
+    tensors = [tvm.runtime.tensor(a) for a in (x, np.zeros(n, np.float32), np.zeros(n, np.float32))]
+    tvm.compile(both, target=host_target())["both"](*tensors)
+    exact = np.tanh(x.astype(np.float64))
+    assert np.abs(tensors[1].numpy() - exact).max() < 5e-7
+    assert np.abs(tensors[2].numpy() - 1 / (1 + np.exp(-x.astype(np.float64)))).max() < 5e-7
