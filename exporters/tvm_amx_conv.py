@@ -48,14 +48,13 @@ from compressor.packing import PackedWeight
 
 from .tvm_conv import ConvShape, _padded_extent, _sized, _without_static_sizes
 from .tvm_direct_conv import takes_direct
-from .tvm_vnni_conv import tensor_scale
+from .tvm_vnni_conv import tensor_scale, zero_point_constants
 from .tvm_vnni_kernel import ROWS, quantize_u8
 
 #: The CPU features the kernel needs (LLVM's names).
 FEATURES = ("amx-tile", "amx-int8")
 #: Bytes of one tile row: the reduction one ``tdpbusd`` covers.
 CHUNK = 64
-_ZERO_POINT = 128
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
@@ -146,10 +145,7 @@ def amx_conv_layout(shape: ConvShape, weight: PackedWeight) -> tuple[np.ndarray,
     codes[:CO, :, :plan.kp * C] = runs.reshape(CO, plan.kq, plan.kp * C)
     # [g, v, i, ch, r, t] -> [g, i, ch, r, v, t]
     wb = codes.reshape(G, ROWS, plan.kq, NCH, CHUNK // 4, 4).transpose(0, 2, 3, 4, 1, 5)
-    correction = (_ZERO_POINT * codes.reshape(G * ROWS, -1).astype(np.int64).sum(1)).astype(np.int32)
-    scales = np.ones(G * ROWS, np.float32)
-    scales[:CO] = weight.arrays["scales"]
-    return np.ascontiguousarray(wb.reshape(G, plan.kq, NCH, ROWS, CHUNK)), correction, scales
+    return (np.ascontiguousarray(wb.reshape(G, plan.kq, NCH, ROWS, CHUNK)), *zero_point_constants(codes, weight))
 
 
 def amx_conv_kernel(shape: ConvShape, weight: PackedWeight) -> tuple[tvm.tirx.PrimFunc, str, tuple[np.ndarray, ...]]:
@@ -208,7 +204,7 @@ def amx_conv_kernel(shape: ConvShape, weight: PackedWeight) -> tuple[tvm.tirx.Pr
                     else:
                         u[(nq * PN + p) * C + c] = quantize_u8(xp[nq // QN * C + c, p, nq % QN], inv_scale)
         for e in range(slack):
-            u[total + e] = T.uint8(_ZERO_POINT)
+            u[total + e] = T.uint8(128)  # the zero point: padding that quantizes to 0
         for task in T.parallel(N * QB * MP):
             n = T.bind(task // (QB * MP))
             qb = T.bind(task // MP % QB)

@@ -81,10 +81,18 @@ def vnni_conv_layout(shape: ConvShape, weight: PackedWeight) -> tuple[np.ndarray
     codes = np.zeros((G * ROWS, C, KH, JQ * GROUP), np.int8)
     codes[:CO, :, :, :KW] = weight.stored_matrix().reshape(CO, C, KH, KW)
     wq = codes.reshape(G, ROWS, C * KH * JQ, GROUP).transpose(0, 2, 1, 3).reshape(G, C * KH * JQ, ROWS * GROUP)
-    correction = (_ZERO_POINT * codes.reshape(G * ROWS, -1).astype(np.int64).sum(1)).astype(np.int32)
-    scales = np.ones(G * ROWS, np.float32)
-    scales[:CO] = weight.arrays["scales"]
-    return np.ascontiguousarray(wq), correction, scales
+    return (np.ascontiguousarray(wq), *zero_point_constants(codes, weight))
+
+
+def zero_point_constants(codes: np.ndarray, weight: PackedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """``(correction[G·16] int32 = 128 · Σ q[co], scales[G·16] fp32, ones past Cout)`` for the
+    int8 codes laid out with their ``G·16`` (padded) output channels first.  Shared by the VNNI
+    and the AMX convolutions."""
+    rows = codes.shape[0]
+    correction = (_ZERO_POINT * codes.reshape(rows, -1).astype(np.int64).sum(1)).astype(np.int32)
+    scales = np.ones(rows, np.float32)
+    scales[:weight.matrix_shape[0]] = weight.arrays["scales"]
+    return correction, scales
 
 
 def vnni_conv_kernel(shape: ConvShape, weight: PackedWeight) -> tuple[tvm.tirx.PrimFunc, str, tuple[np.ndarray, ...]]:
