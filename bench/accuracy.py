@@ -187,10 +187,18 @@ def methods(sparsity: float, steps: int) -> dict[str, list[PruneGroup]]:
 
 
 def summarize(runs: list[dict]) -> dict:
-    cers = [r["cer"] for r in runs]
-    return {"cer_mean": statistics.mean(cers), "cer_std": statistics.stdev(cers) if len(cers) > 1 else 0.0,
-            "wer_mean": statistics.mean(r["wer"] for r in runs),
-            "sparsity_mean": statistics.mean(r.get("sparsity", 0.0) for r in runs), "runs": runs}
+    """Mean and sample spread over the finished ``runs``; a worker's :data:`PENDING` runs (busy in
+    another worker: only its summary is partial, the run log is not) are counted, not averaged."""
+    done = [r for r in runs if not r.get("pending")]
+    cers = [r["cer"] for r in done]
+
+    def mean(values: list[float]) -> float:
+        return statistics.mean(values) if values else math.nan
+
+    return {"cer_mean": mean(cers), "cer_std": statistics.stdev(cers) if len(cers) > 1 else 0.0,
+            "wer_mean": mean([r["wer"] for r in done]),
+            "sparsity_mean": mean([r.get("sparsity", 0.0) for r in done]),
+            "pending": len(runs) - len(done), "runs": done}
 
 
 def gradual_vs_hard(base: nn.Module, task: SpeechTask, size: Size, log: RunLog | None = None) -> dict:

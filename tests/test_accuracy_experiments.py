@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from bench.accuracy import PENDING, RunLog, Size, finetune, methods, pruning_groups
+from bench.accuracy import PENDING, RunLog, Size, finetune, methods, pruning_groups, summarize
 from compressor import MagnitudePruner, OneShot
 from compressor.tasks.speech import SpeechCorpusSpec, SpeechTask
 from compressor.zoo.pretrained import load_pretrained
@@ -114,3 +114,13 @@ def test_shared_run_log_gives_each_run_to_one_worker(tmp_path):
 def test_shared_run_log_needs_a_file():
     with pytest.raises(ValueError, match="needs a path"):
         RunLog(shared=True)
+
+
+def test_summary_counts_runs_busy_in_another_worker_without_averaging_them():
+    """A worker's summary skips :data:`PENDING` runs (their NaN CER once crashed ``statistics.stdev``)."""
+    runs = [{"cer": 0.01, "wer": 0.1, "sparsity": 0.8}, PENDING, {"cer": 0.03, "wer": 0.3, "sparsity": 0.8}]
+    summary = summarize(runs)
+    assert summary["cer_mean"] == pytest.approx(0.02) and summary["cer_std"] == pytest.approx(0.02 ** 0.5 * 0.1)
+    assert summary["wer_mean"] == pytest.approx(0.2) and summary["pending"] == 1 and len(summary["runs"]) == 2
+    only_pending = summarize([PENDING, PENDING])
+    assert math.isnan(only_pending["cer_mean"]) and only_pending["pending"] == 2 and only_pending["runs"] == []
