@@ -9,7 +9,8 @@ from torch import nn
 from compressor.blocks import BlockShape
 from compressor.packed_model import PackingConfig, pack_model
 from compressor.packing import pack
-from exporters.fold_batch_norm import fold_batch_norms
+from compressor.zoo import build_model
+from exporters.fold_batch_norm import conv_norm_pairs, fold_batch_norms
 
 
 def front() -> nn.Sequential:
@@ -73,3 +74,75 @@ def test_only_adjacent_pairs_are_folded_with_running_statistics():
     assert isinstance(folded[4], nn.Identity)
     batch_statistics = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     assert isinstance(fold_batch_norms(batch_statistics, {})[0][1], nn.BatchNorm2d)
+
+
+def randomized_statistics(model: nn.Module) -> nn.Module:
+    for norm in model.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.2, 3)
+            norm.weight.data.uniform_(-2, 2)
+            norm.bias.data.uniform_(-1, 1)
+    return model.eval()
+
+
+def test_resnet_batch_norms_used_as_attributes_are_folded():
+    """ResNet blocks call ``bn1(conv1(x))`` in ``forward``: the pairs come from the traced graph."""
+    torch.manual_seed(0)
+    model = randomized_statistics(build_model("resnet8"))
+    pairs = conv_norm_pairs(model)
+    assert ("conv", "bn") in pairs and ("stages.1.0.conv2", "stages.1.0.bn2") in pairs
+    assert ("stages.1.0.shortcut.0", "stages.1.0.shortcut.1") in pairs and len(pairs) == 9
+    folded, _ = fold_batch_norms(model, {})
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class SharedOutput(nn.Module):
+    """The convolution's output is used beside the BatchNorm: folding would change the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.norm(y) + y
+
+
+class CalledTwice(nn.Module):
+    """One convolution called twice, once without the BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(self.conv(x)))
+
+
+class DataDependent(nn.Module):
+    """A forward that ``torch.fx`` cannot trace: only the ``Sequential`` pair is folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.front = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+        self.conv, self.norm = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.front(x)
+        return self.norm(self.conv(x)) if x.sum() > 0 else x
+
+
+@pytest.mark.parametrize("model,expected", [(SharedOutput, []), (CalledTwice, []),
+                                            (DataDependent, [("front.0", "front.1")])])
+def test_pairs_whose_fold_would_change_the_model_are_left(model, expected):
+    torch.manual_seed(0)
+    model = randomized_statistics(model())
+    assert conv_norm_pairs(model) == expected
+    folded, _ = fold_batch_norms(model, {})
+    x = torch.randn(2, 1 if not isinstance(model, CalledTwice) else 4, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
