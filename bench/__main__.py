@@ -5,7 +5,7 @@
 Each benchmark runs in its own process (``python -m bench.NAME [--quick] --out DIR``), its output
 streamed, in a fixed order, fastest first; one that fails is reported and the others still run;
 the exit status is non-zero if any failed.  ``--resume`` is passed on to the benchmarks that offer
-it (``bench.accuracy``: runs logged by an interrupted run are kept), so a full run of several hours
+it (``bench.accuracy``, ``bench.taylor``: runs logged by an interrupted run are kept), so a full run of several hours
 can be stopped and continued.  ``--page-only`` runs nothing and rebuilds the page from the JSON
 already in ``--results``.
 """

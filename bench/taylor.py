@@ -1,6 +1,6 @@
 """Taylor pruning (Molchanov et al. 2019) on the image and speech tasks.
 
-    python -m bench.taylor [--quick] [--task images|speech|all] [--threads 1] [--out bench/results]
+    python -m bench.taylor [--quick] [--task images|speech|all] [--threads 1] [--resume] [--out bench/results]
 
 Starting from the shipped checkpoints — ResNet-8 on Fashion-MNIST (``resnet8-fashion-mnist``)
 and ``ds2-mini`` on the spoken digits (``ds2-mini-digits``):
@@ -22,7 +22,9 @@ and ``ds2-mini`` on the spoken digits (``ds2-mini-digits``):
    ``export_onnx`` (ONNX Runtime, one thread, batch 1, median) and ``export_tvm`` (host library,
    ``time_evaluator`` median), and PyTorch eager for reference.
 
-Writes ``taylor[-quick].{json,md,png}`` to ``--out`` and prints the tables.  ``--quick`` takes
+Writes ``taylor[-quick].{json,md,png}`` to ``--out`` and prints the tables.  Each finished stage
+is logged at once to ``taylor[-quick].runs.json`` (:class:`bench.runlog.RunLog`); ``--resume``
+skips the logged stages of an interrupted run, without it the log is started anew.  ``--quick`` takes
 about 11 minutes on one thread of the 2-core CI machine; the full run (16 oracle minibatches of
 256 images, all 832 speech units over 4 minibatches, 2,000 / 800 fine-tuning steps per method)
 about 2 hours (estimated from the per-step times of the quick run: ResNet-8 0.2 s per training
@@ -45,6 +47,7 @@ import torch
 from torch import nn
 
 from bench.machine import machine_info
+from bench.runlog import RunLog
 from compressor.taylor import (
     PruneTarget,
     TaylorPruner,
@@ -180,25 +183,21 @@ def correlation_experiment(model: nn.Module, batches, loss, example, units: int 
 
 
 # ---------------------------------------------------------------------- 2. curves
-def curve_experiment(base: nn.Module, task, example, every: int, per_prune: int, target: float, steps: int,
-                     eval_every: int, metric: str, lr: float, grad_clip: float | None = None) -> tuple[dict, dict]:
-    curves, shrunk = {}, {}
-    for label, criterion in CURVE_METHODS.items():
-        started = time.time()
-        model = copy.deepcopy(base)
-        pruner = TaylorPruner(criterion, every=every, per_prune=per_prune, target=PruneTarget("params", target))
-        pruner.prepare(model, example)
-        curve = prune_finetune(model, task, pruner, steps, lr=lr, grad_clip=grad_clip, eval_every=eval_every,
-                               progress=True, desc=label)
-        small = pruner.shrink()
-        limit, task.eval_limit = task.eval_limit, None
-        final = task.evaluate(small)
-        task.eval_limit = limit
-        curves[label] = {"points": [{k: v for k, v in p.items()} for p in curve],
-                         "final": {**final, **pruner.remaining()}, "rounds": len(pruner.history),
-                         "seconds": round(time.time() - started, 1), "metric": metric}
-        shrunk[label] = small
-    return curves, shrunk
+def curve_experiment(base: nn.Module, task, example, criterion: str, every: int, per_prune: int, target: float,
+                     steps: int, eval_every: int, metric: str, lr: float, desc: str,
+                     grad_clip: float | None = None) -> tuple[dict, nn.Module]:
+    """One method's prune + fine-tune curve, and the shrunk model it ends with."""
+    model = copy.deepcopy(base)
+    pruner = TaylorPruner(criterion, every=every, per_prune=per_prune, target=PruneTarget("params", target))
+    pruner.prepare(model, example)
+    curve = prune_finetune(model, task, pruner, steps, lr=lr, grad_clip=grad_clip, eval_every=eval_every,
+                           progress=True, desc=desc)
+    small = pruner.shrink()
+    limit, task.eval_limit = task.eval_limit, None
+    final = task.evaluate(small)
+    task.eval_limit = limit
+    return {"points": [dict(p) for p in curve], "final": {**final, **pruner.remaining()},
+            "rounds": len(pruner.history), "metric": metric}, small
 
 
 # ---------------------------------------------------------------------- 3. latency
@@ -248,34 +247,51 @@ def latency_experiment(models: dict[str, nn.Module], inputs: tuple, runs: int) -
 
 
 # ---------------------------------------------------------------------- driver
-def run_task(name: str, size: Size) -> dict:
-    started = time.time()
+def run_task(name: str, size: Size, log: RunLog | None = None) -> dict:
+    """Every experiment on one task; each correlation, curve and the full-split dense evaluation is
+    a run of ``log`` (the Taylor FO curve together with the latency of its shrunk model, which is
+    not kept), so a resumed benchmark skips what it has."""
+    log = log or RunLog()
     if name == "images":
         task, model, batches, loss, example, latency_input = image_setup(size)
         skip: set[str] = set()
-        dense = task.evaluate(model)
+        units = None
+        fit = {"every": size.image_every, "per_prune": size.image_per_prune, "target": size.image_target,
+               "steps": size.image_steps, "eval_every": 1, "metric": "accuracy", "lr": size.image_lr}
     else:
         task, model, batches, loss, example, latency_input = speech_setup(size)
         skip = {"Taylor SO, gate after BN"}  # CTC loss: no second derivative in PyTorch
-        dense = task.evaluate(model)
-    units = None if name == "images" else size.speech_oracle_units
-    correlation = correlation_experiment(model, batches, loss, example, units, skip, size.hessian_probes)
+        units = size.speech_oracle_units
+        fit = {"every": size.speech_every, "per_prune": size.speech_per_prune, "target": size.speech_target,
+               "steps": size.speech_steps, "eval_every": size.speech_eval_every, "metric": "cer",
+               "lr": size.speech_lr, "grad_clip": 5.0}
+    dense = log.run(f"{name}/dense (evaluation subset)", lambda: task.evaluate(model))
+    correlation = log.run(f"{name}/correlation", lambda: correlation_experiment(
+        model, batches, loss, example, units, skip, size.hessian_probes))
     print(correlation_table(name, correlation))
-    if name == "images":
-        curves, shrunk = curve_experiment(model, task, example, size.image_every, size.image_per_prune,
-                                          size.image_target, size.image_steps, 1, "accuracy", size.image_lr)
-    else:
-        curves, shrunk = curve_experiment(model, task, example, size.speech_every, size.speech_per_prune,
-                                          size.speech_target, size.speech_steps, size.speech_eval_every, "cer",
-                                          size.speech_lr, grad_clip=5.0)
-    latency = latency_experiment({"dense": model, "Taylor FO (shrunk)": shrunk["Taylor FO"]}, latency_input,
-                                 size.latency_runs)
-    limit, task.eval_limit = task.eval_limit, None
-    dense_full = task.evaluate(model)
-    task.eval_limit = limit
+
+    def curve(label: str) -> dict:
+        result, small = curve_experiment(model, task, example, CURVE_METHODS[label], desc=label, **fit)
+        if label == "Taylor FO":  # its shrunk model is timed at once: it is not kept
+            result["latency"] = latency_experiment({"dense": model, "Taylor FO (shrunk)": small}, latency_input,
+                                                   size.latency_runs)
+        return result
+
+    curves = {label: log.run(f"{name}/curve/{label}", lambda label=label: curve(label)) for label in CURVE_METHODS}
+    latency = curves["Taylor FO"].pop("latency")
+
+    def dense_full() -> dict:
+        limit, task.eval_limit = task.eval_limit, None
+        try:
+            return task.evaluate(model)
+        finally:
+            task.eval_limit = limit
+
     return {"checkpoint": "resnet8-fashion-mnist" if name == "images" else "ds2-mini-digits",
-            "dense": dense_full, "dense_subset": dense, "correlation": correlation, "curves": curves,
-            "latency": latency, "latency_input": list(latency_input[0].shape), "seconds": round(time.time() - started, 1)}
+            "dense": log.run(f"{name}/dense (full test split)", dense_full), "dense_subset": dense,
+            "correlation": correlation, "curves": curves, "latency": latency,
+            "latency_input": list(latency_input[0].shape),
+            "seconds": round(sum(r["seconds"] for k, r in log.runs.items() if k.startswith(f"{name}/")), 1)}
 
 
 def correlation_table(name: str, c: dict) -> str:
@@ -354,17 +370,22 @@ def main() -> None:
     parser.add_argument("--task", choices=["images", "speech", "all"], default="all")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs logged by an earlier, interrupted run with the same options")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = QUICK if args.quick else FULL
-    started = time.time()
+    stem = "taylor" + ("-quick" if args.quick else "") + ("" if args.task == "all" else f"-{args.task}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / f"{stem}.runs.json"
+    if not args.resume:
+        log_path.unlink(missing_ok=True)
+    log = RunLog(log_path)
     result: dict = {"size": "quick" if args.quick else "full", "machine": machine_info(args.threads),
                     "settings": asdict(size)}
     for name in (["images", "speech"] if args.task == "all" else [args.task]):
-        result[name] = run_task(name, size)
-    result["seconds"] = round(time.time() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "taylor" + ("-quick" if args.quick else "") + ("" if args.task == "all" else f"-{args.task}")
+        result[name] = run_task(name, size, log)
+    result["seconds"] = round(sum(result[name]["seconds"] for name in ("images", "speech") if name in result), 1)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (args.out / f"{stem}.md").write_text(to_markdown(result))
     plot(result, args.out / f"{stem}.png")

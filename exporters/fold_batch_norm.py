@@ -21,6 +21,7 @@ else is left to the compiler.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import Counter
 
 import torch
@@ -59,7 +60,7 @@ def _sequential_pairs(module: nn.Module) -> list[tuple[str, str]]:
     for prefix, sequential in module.named_modules():
         if isinstance(sequential, nn.Sequential):
             names = [f"{prefix}.{name}" if prefix else name for name, _ in sequential.named_children()]
-            pairs += [(conv, norm) for conv, norm in zip(names, names[1:])
+            pairs += [(conv, norm) for conv, norm in itertools.pairwise(names)
                       if _foldable(module.get_submodule(conv), module.get_submodule(norm))]
     return pairs
 
