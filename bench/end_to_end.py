@@ -7,10 +7,11 @@ input weight, 67.7 M parameters; untrained, so latency and size only), the same 
 (dense, unpruned) convolutions (:class:`RecurrentStack`: what the pruned layers alone gain; the
 convolutions take most of the whole model's time at batch 16), the trained ``ds2-mini``
 (digits; CER) and the trained ResNet-8 (Fashion-MNIST; accuracy).  Sparse variants: the
-recurrent and fully connected weights (all Linear/Conv weights for the CNN) pruned in one shot
-to 90 % in 16×1 blocks (one-shot, no fine-tuning: the accuracy column shows what that alone
-costs), packed BSR 16×1, fp32 or int8, and on a CPU with AVX-512 VNNI int8 with int8
-activations as well (``export_tvm(activations="int8")``).  Dense baselines: PyTorch eager, ONNX Runtime fp32 and
+recurrent and fully connected weights (all Linear/Conv weights but the first for the CNN) pruned
+to 90 % in 16×1 blocks — the trained models gradually (cubic schedule over the first 60 % of
+:data:`FINETUNE_STEPS` fine-tuning steps on the task's training split, as a user would), the
+untrained paper-size ones in one shot — packed BSR 16×1, fp32 or int8, and on a CPU with
+AVX-512 VNNI int8 with int8 activations as well (``export_tvm(activations="int8")``).  Dense baselines: PyTorch eager, ONNX Runtime fp32 and
 int8 (``quantize_dynamic``, MatMul/Gemm only: ConvInteger is slower than fp32 Conv) of the
 *dense* model, and TVM with our scheduled dense kernels.  Latency: median over repeats after a
 warm-up, same thread count everywhere, batch 1 and 16, all in one process.
@@ -44,18 +45,22 @@ from torch import nn
 
 from bench.machine import machine_info
 from bench.output import write_results
-from compressor import MagnitudePruner, OneShot, PruneGroup
+from compressor import CubicSchedule, MagnitudePruner, OneShot, PruneGroup
 from compressor.blocks import BlockShape
 from compressor.packed_model import PackingConfig, pack_model
 from compressor.selection import CONV_TYPES, LINEAR_TYPES
+from compressor.training import TrainConfig, train
 from compressor.zoo import RECURRENT_WEIGHTS, build_model
 from compressor.zoo.ds2 import DeepSpeech2
 from compressor.zoo.pretrained import load_pretrained
 
 SPARSITY = 0.9
 BLOCK = BlockShape(16, 1)
-PRUNING = (f"one-shot magnitude pruning to {SPARSITY:.0%} in {BLOCK} blocks, no fine-tuning "
-           "(DS2: recurrent and FC weights; CNN: every Linear / Conv weight but the first convolution)")
+#: fine-tuning steps (Adam, lr 5e-4, batch of the task) of the trained models while they are pruned, by ``--quick``
+FINETUNE_STEPS = {True: 150, False: 600}
+PRUNING = (f"magnitude pruning to {SPARSITY:.0%} in {BLOCK} blocks (DS2: recurrent and FC weights; CNN: every "
+           "Linear / Conv weight but the first convolution); trained models gradually, cubic schedule over the "
+           "first 60 % of {steps} fine-tuning steps on the training split; untrained paper-size models in one shot")
 #: examples of the test split evaluated per backend (None: the whole split)
 EVAL_LIMITS = {True: {"speech-digits": 200, "fashion-mnist": 2000}, False: {"speech-digits": None, "fashion-mnist": None}}
 
@@ -69,13 +74,13 @@ class Spec:
     task: str | None = None
 
 
-def _ds2_groups() -> list[PruneGroup]:
-    return [PruneGroup(OneShot(SPARSITY), include=RECURRENT_WEIGHTS, block=BLOCK),
-            PruneGroup(OneShot(SPARSITY), include=r"^fc\.weight$", block=BLOCK)]
+def _ds2_groups(schedule) -> list[PruneGroup]:
+    return [PruneGroup(schedule, include=RECURRENT_WEIGHTS, block=BLOCK),
+            PruneGroup(schedule, include=r"^fc\.weight$", block=BLOCK)]
 
 
-def _cnn_groups() -> list[PruneGroup]:
-    return [PruneGroup(OneShot(SPARSITY), types=LINEAR_TYPES + CONV_TYPES, block=BLOCK, exclude=r"^conv\.weight$")]
+def _cnn_groups(schedule) -> list[PruneGroup]:
+    return [PruneGroup(schedule, types=LINEAR_TYPES + CONV_TYPES, block=BLOCK, exclude=r"^conv\.weight$")]
 
 
 class RecurrentStack(nn.Module):
@@ -110,11 +115,20 @@ def specs(quick: bool) -> list[Spec]:
                  "fashion-mnist")]
 
 
-def sparse_copy(model: nn.Module, groups: list[PruneGroup]) -> nn.Module:
+def sparse_copy(model: nn.Module, spec: Spec, task=None, steps: int = 0) -> nn.Module:
+    """A pruned copy of ``model``: in one shot, or with a ``task``, gradually while fine-tuned for
+    ``steps`` steps on its training split (cubic schedule reaching :data:`SPARSITY` at 60 %)."""
     model = copy.deepcopy(model)
-    pruner = MagnitudePruner(groups)
+    if task is None:
+        pruner = MagnitudePruner(spec.groups(OneShot(SPARSITY)))
+        pruner.prepare(model)
+        pruner.step()
+        return pruner.finalize().eval()
+    end = int(steps * 0.6)
+    pruner = MagnitudePruner(spec.groups(CubicSchedule(SPARSITY, start_itr=0, n_steps=10, delta_t=max(1, end // 10))))
     pruner.prepare(model)
-    pruner.step()
+    train(model, task, TrainConfig(steps=steps, lr=5e-4, grad_clip=5.0, seed=0), pruner,
+          desc=f"prune {spec.name}")
     return pruner.finalize().eval()
 
 
@@ -128,11 +142,11 @@ def _median_ms(call, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def prepare(spec: Spec) -> tuple[nn.Module, nn.Module, dict, torch.Tensor]:
-    """The dense model, its pruned copy, the pruned copy packed BSR fp32 / int8, and the example
-    input (batch 1) — the same every time (one-shot magnitude pruning is deterministic)."""
+def prepare(spec: Spec, task=None, steps: int = 0) -> tuple[nn.Module, nn.Module, dict, torch.Tensor]:
+    """The dense model, its pruned copy (:func:`sparse_copy`), the pruned copy packed BSR fp32 /
+    int8, and the example input (batch 1)."""
     dense = spec.build()
-    sparse = sparse_copy(dense, spec.groups())
+    sparse = sparse_copy(dense, spec, task, steps)
     packed = {"fp32": pack_model(sparse, PackingConfig(format="bsr", block=BLOCK, dtype="fp32")),
               "int8": pack_model(sparse, PackingConfig(format="bsr", block=BLOCK, dtype="int8"))}
     example = torch.randn(spec.input_shape, generator=torch.Generator().manual_seed(0))
@@ -152,7 +166,8 @@ def tvm_variants(dense: nn.Module, packed: dict) -> list[tuple[str, object, str]
     return variants
 
 
-def measure_model(spec: Spec, batches: list[int], threads: int, repeats: int, directory: Path, progress: bool) -> dict:
+def measure_model(spec: Spec, prepared: tuple, batches: list[int], threads: int, repeats: int, directory: Path,
+                  progress: bool, pruning: str) -> dict:
     import tvm
 
     from exporters.onnx import export_onnx
@@ -161,7 +176,7 @@ def measure_model(spec: Spec, batches: list[int], threads: int, repeats: int, di
     from runtime_tests.onnxruntime_check import session
     from runtime_tests.tvm_check import latency_ms, load_vm
 
-    dense, _, packed, example = prepare(spec)
+    dense, _, packed, example = prepared
     onnx_fp32 = export_onnx(dense, (example,), directory / f"{spec.name}.onnx").path
     onnx_int8 = quantize_int8(onnx_fp32, directory / f"{spec.name}.int8.onnx", op_types=["MatMul", "Gemm"])
     rows: dict[str, dict] = {}
@@ -197,7 +212,7 @@ def measure_model(spec: Spec, batches: list[int], threads: int, repeats: int, di
         entry["speedup_vs_onnx_int8"] = {b: rows["onnx runtime int8 dense"]["latency_ms"][b] / ms
                                          for b, ms in entry["latency_ms"].items()}
     return {"model": spec.name, "input_shape": list(spec.input_shape), "sparsity": SPARSITY, "block": str(BLOCK),
-            "pruning": PRUNING, "parameters": sum(p.numel() for p in dense.parameters()), "rows": rows}
+            "pruning": pruning, "parameters": sum(p.numel() for p in dense.parameters()), "rows": rows}
 
 
 def make_task(name: str, eval_limit: int | None):
@@ -216,7 +231,8 @@ def evaluated_examples(task) -> int:
     return count if task.eval_limit is None else min(count, task.eval_limit)
 
 
-def measure_accuracy(spec: Spec, eval_limit: int | None, threads: int, directory: Path, progress: bool) -> dict:
+def measure_accuracy(spec: Spec, prepared: tuple, task, threads: int, directory: Path, progress: bool,
+                     pruning: str) -> dict:
     """Task metrics of every backend of ``spec`` (see the module docstring): ``{"rows": {backend:
     metrics}, "reference": {pruned PyTorch model: metrics}, ...}``; each entry's ``seconds`` covers the
     export of its artifact (TVM compilation) and the evaluation.  Exports its own artifacts (run-time
@@ -229,8 +245,7 @@ def measure_accuracy(spec: Spec, eval_limit: int | None, threads: int, directory
     from runtime_tests.tvm_check import TvmModule
 
     started = time.perf_counter()
-    task = make_task(spec.task, eval_limit)
-    dense, sparse, packed, example = prepare(spec)
+    dense, sparse, packed, example = prepared
     methods = {"output_lengths": dense.output_lengths} if hasattr(dense, "output_lengths") else {}
     onnx_axes, tvm_axes = dynamic_axes_for(task.name, 1), tvm_dynamic_axes(task.name, 1)
     work = directory / "accuracy" / spec.task
@@ -257,7 +272,7 @@ def measure_accuracy(spec: Spec, eval_limit: int | None, threads: int, directory
             start = time.perf_counter()
             into[name] = {**task.evaluate(build()), "seconds": time.perf_counter() - start}
     return {"task": task.name, "metric": task.metric, "split": "test", "examples": evaluated_examples(task),
-            "pruning": PRUNING, "time_axis": "run-time (dynamic)" if tvm_axes else "fixed",
+            "pruning": pruning, "time_axis": "run-time (dynamic)" if tvm_axes else "fixed",
             "rows": rows, "reference": reference, "seconds": time.perf_counter() - started}
 
 
@@ -269,18 +284,27 @@ def measure(quick: bool, threads: int, progress: bool = True, accuracy: bool = T
     torch.set_num_threads(threads)
     from threadpoolctl import threadpool_limits
 
-    result = {"machine": machine_info(threads), "quick": quick, "models": []}
+    steps = FINETUNE_STEPS[quick]
+    pruning = PRUNING.format(steps=steps)
+    result = {"machine": machine_info(threads), "quick": quick, "finetune_steps": steps, "models": []}
     repeats = 5 if quick else 15
     with threadpool_limits(threads), tempfile.TemporaryDirectory() as directory:
         chosen = specs(quick)
+        tasks = {spec.task: make_task(spec.task, EVAL_LIMITS[quick][spec.task] if eval_limit == "default" else eval_limit)
+                 for spec in chosen if spec.task is not None}
+        kept = {}  # the trained models' pruned copies, fine-tuned once for both phases
         for spec in chosen:
-            result["models"].append(measure_model(spec, [1, 16], threads, repeats, Path(directory), progress))
+            prepared = prepare(spec, tasks.get(spec.task), steps)
+            if spec.task is not None:
+                kept[spec.name] = prepared
+            result["models"].append(measure_model(spec, prepared, [1, 16], threads, repeats, Path(directory),
+                                                  progress, pruning))
+            del prepared
         if accuracy:  # after every latency: evaluation never runs beside a timed call
             for spec, model in zip(chosen, result["models"]):
-                if spec.task is None:
-                    continue
-                limit = EVAL_LIMITS[quick][spec.task] if eval_limit == "default" else eval_limit
-                add_accuracy(model, measure_accuracy(spec, limit, threads, Path(directory), progress))
+                if spec.task is not None:
+                    add_accuracy(model, measure_accuracy(spec, kept[spec.name], tasks[spec.task], threads,
+                                                         Path(directory), progress, pruning))
     return result
 
 
@@ -321,7 +345,7 @@ def to_markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# Whole models: PyTorch, ONNX Runtime and TVM", "",
              f"{m['cpu']}, {m['threads']} thread(s), TVM {m['tvm']}, ONNX Runtime {m['onnxruntime']}, torch {m['torch']}. "
-             f"Sparse: 90 % in 16×1 blocks, one-shot. Medians; batch 1 and 16.", "",
+             f"Sparse: 90 % in 16×1 blocks (see Pruning below). Medians; batch 1 and 16.", "",
              "| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
     evaluated = [m for m in result["models"] if "accuracy" in m]
@@ -332,7 +356,7 @@ def to_markdown(result: dict) -> str:
         lines += [f"- {m['model']} ({m['accuracy']['examples']} {m['accuracy']['task']} test examples): "
                   + ", ".join(f"{name} {metric_text(m, metrics)}" for name, metrics in m["accuracy"]["reference"].items())
                   for m in evaluated]
-        lines += ["", f"Pruning: {PRUNING}."]
+        lines += ["", f"Pruning: {evaluated[0]['accuracy']['pruning']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -345,8 +345,10 @@ def end_to_end_table(d: dict) -> Table:
         columns += [Column("metric", "task metric"), Column("on_task", "on the task", pct2),
                     Column("examples", "test examples")]
     sparse = d["models"][0]
+    how = (f"trained models pruned gradually while fine-tuned for {d['finetune_steps']} steps, untrained ones in one "
+           "shot" if "finetune_steps" in d else "one-shot, no fine-tuning")
     return Table("end_to_end", f"Whole models (sparse: {pct0(sparse['sparsity'])} in {sparse['block']} blocks, "
-                 "one-shot, no fine-tuning; speedups over ONNX Runtime on the dense model; task metric on the first "
+                 f"{how}; speedups over ONNX Runtime on the dense model; task metric on the first "
                  "examples of the test split, evaluated after the timings)", columns, rows)
 
 

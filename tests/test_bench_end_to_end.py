@@ -3,7 +3,19 @@ backend is checked against PyTorch, never for speed), and its tables with the ta
 
 import pytest
 
-from bench.end_to_end import HEADER, add_accuracy, measure_accuracy, specs, table_rows, to_markdown
+from bench.end_to_end import (
+    FINETUNE_STEPS,
+    HEADER,
+    PRUNING,
+    SPARSITY,
+    add_accuracy,
+    make_task,
+    measure_accuracy,
+    prepare,
+    specs,
+    table_rows,
+    to_markdown,
+)
 from exporters.tvm_kernels import host_target
 from exporters.tvm_vnni_kernel import target_has_vnni
 
@@ -30,11 +42,24 @@ def check_against_pytorch(accuracy: dict, metric: str, tolerance: float) -> None
     if INT8_ACTIVATIONS in rows:  # quantized inputs of the large matmuls: a little more than one tie
         assert rows[INT8_ACTIVATIONS][metric] == pytest.approx(
             reference["pytorch eager sparse int8 (stored weights)"][metric], abs=tolerance + 0.02)
-    assert "one-shot" in accuracy["pruning"] and "no fine-tuning" in accuracy["pruning"]
+
+
+
+def measured(task_name: str, examples: int, steps: int, tmp_path) -> dict:
+    """The accuracy phase after ``steps`` steps of gradual pruning while fine-tuning."""
+    spec, task = spec_of(task_name), make_task(task_name, examples)
+    prepared = prepare(spec, task, steps)
+    sparse = prepared[1]
+    pruned = [m.weight for m in sparse.modules() if hasattr(m, "weight") and m.weight is not None
+              and m.weight.dim() > 1 and (m.weight == 0).float().mean() > 0.5]
+    assert pruned and all((w == 0).float().mean() == pytest.approx(SPARSITY, abs=0.02) for w in pruned)
+    accuracy = measure_accuracy(spec, prepared, task, 1, tmp_path, False, PRUNING.format(steps=steps))
+    assert "gradually" in accuracy["pruning"] and f"{steps} fine-tuning steps" in accuracy["pruning"]
+    return accuracy
 
 
 def test_accuracy_phase_resnet8(tmp_path):
-    accuracy = measure_accuracy(spec_of("fashion-mnist"), 64, 1, tmp_path, progress=False)
+    accuracy = measured("fashion-mnist", 64, 30, tmp_path)
     assert (accuracy["task"], accuracy["metric"], accuracy["examples"]) == ("fashion-mnist", "accuracy", 64)
     assert accuracy["rows"]["pytorch eager dense"]["accuracy"] > 0.75  # the shipped checkpoint
     check_against_pytorch(accuracy, "accuracy", 1 / 64 + 1e-9)  # one image may flip on a tie
@@ -42,7 +67,7 @@ def test_accuracy_phase_resnet8(tmp_path):
 
 @pytest.mark.slow
 def test_accuracy_phase_ds2_mini_every_utterance_length(tmp_path):
-    accuracy = measure_accuracy(spec_of("speech-digits"), 12, 1, tmp_path, progress=False)
+    accuracy = measured("speech-digits", 12, FINETUNE_STEPS[True] // 10, tmp_path)
     assert (accuracy["task"], accuracy["metric"], accuracy["examples"]) == ("speech-digits", "cer", 12)
     assert accuracy["time_axis"].startswith("run-time")
     assert accuracy["rows"]["pytorch eager dense"]["cer"] < 0.1
