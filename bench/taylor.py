@@ -277,8 +277,9 @@ def run_task(name: str, size: Size, log: RunLog | None = None) -> dict:
                                                    size.latency_runs)
         return result
 
-    curves = {label: log.run(f"{name}/curve/{label}", lambda label=label: curve(label)) for label in CURVE_METHODS}
-    latency = curves["Taylor FO"].pop("latency")
+    logged = {label: log.run(f"{name}/curve/{label}", lambda label=label: curve(label)) for label in CURVE_METHODS}
+    latency = logged["Taylor FO"]["latency"]
+    curves = {label: {k: v for k, v in c.items() if k != "latency"} for label, c in logged.items()}
 
     def dense_full() -> dict:
         limit, task.eval_limit = task.eval_limit, None

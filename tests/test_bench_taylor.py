@@ -24,6 +24,7 @@ def test_images_task_resumes_from_its_run_log(tmp_path, monkeypatch):
     assert shrunk["onnx_ms"] > 0 and shrunk["tvm_ms"] > 0
     for name in ("correlation_experiment", "curve_experiment", "latency_experiment"):
         monkeypatch.setattr(taylor, name, lambda *a, name=name, **k: pytest.fail(f"{name} ran again"))
+    assert "latency" in RunLog(path).runs["images/curve/Taylor FO"]
     again = taylor.run_task("images", TINY, RunLog(path))
     assert again["latency"] == first["latency"] and again["correlation"]["rows"] == first["correlation"]["rows"]
     assert again["curves"]["random"]["final"] == first["curves"]["random"]["final"]
