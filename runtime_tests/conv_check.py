@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 import torch
 import tvm
 from torch import nn
@@ -86,6 +87,18 @@ def assert_within_rounding_bound(kernel: Callable[[ConvShape, PackedWeight], tup
     bound = np.abs(w).sum(1) * (np.abs(x).max() / 127) / 2
     assert (error <= bound[None, :, None, None] * (1 + 1e-4) + 1e-5).all()
     assert error.max() > 0
+
+
+def assert_takes_only(takes: Callable[[ConvShape, PackedWeight], bool], kernel: Callable[[ConvShape, PackedWeight], tuple],
+                      refused: list[ConvShape], message: str) -> None:
+    """``takes`` accepts an int8 weight of ``SHAPES[0]`` but not an fp32 one, nor an int8 weight of
+    any ``refused`` shape, and ``kernel`` refuses the first of those with ``message``."""
+    shape = SHAPES[0]
+    assert takes(shape, int8_weight(shape, 5))
+    assert not takes(shape, pack(np.ones((shape.out_channels, shape.cols), np.float32), "dense"))
+    assert not any(takes(other, int8_weight(other, 5)) for other in refused)
+    with pytest.raises(ValueError, match=message):
+        kernel(refused[0], int8_weight(refused[0], 5))
 
 
 class ConvFront(nn.Module):

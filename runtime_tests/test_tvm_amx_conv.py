@@ -2,18 +2,23 @@
 ``export_tvm(activations="int8")`` on a CPU with AMX: exact on exactly quantized inputs, within
 the rounding bound on others (runtime_tests/conv_check.py), in both orientations."""
 
-import numpy as np
 import pytest
 import torch
 import tvm
 
 from compressor.packed_model import PackingConfig, pack_model
-from compressor.packing import pack
 from exporters.tvm import export_tvm
 from exporters.tvm_amx_conv import amx_conv_kernel, amx_plan, amx_plans, takes_amx_conv, target_has_amx
 from exporters.tvm_conv import ConvShape
 from exporters.tvm_targets import host_target
-from runtime_tests.conv_check import SHAPES, ConvFront, assert_exact, assert_within_rounding_bound, int8_weight
+from runtime_tests.conv_check import (
+    SHAPES,
+    ConvFront,
+    assert_exact,
+    assert_takes_only,
+    assert_within_rounding_bound,
+    int8_weight,
+)
 from runtime_tests.tvm_check import compare_with_torch
 
 needs_amx = pytest.mark.skipif(not target_has_amx(host_target()), reason="this CPU has no AMX (amx-tile, amx-int8)")
@@ -55,13 +60,8 @@ def test_the_orientation_with_fewer_tile_products_is_chosen():
 
 
 def test_only_int8_weights_with_a_unit_dilation_are_taken():
-    shape = SHAPES[0]
-    assert takes_amx_conv(shape, int8_weight(shape, 5))
-    assert not takes_amx_conv(shape, pack(np.ones((shape.out_channels, shape.cols), np.float32), "dense"))
     dilated = ConvShape(2, 3, 9, 13, 20, (3, 5), (1, 1), (2, 2, 2, 2), (2, 2))
-    assert not takes_amx_conv(dilated, int8_weight(dilated, 5))
-    with pytest.raises(ValueError, match="unit dilation"):
-        amx_conv_kernel(dilated, int8_weight(dilated, 5))
+    assert_takes_only(takes_amx_conv, amx_conv_kernel, [dilated], "unit dilation")
 
 
 @needs_amx

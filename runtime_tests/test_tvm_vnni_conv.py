@@ -2,19 +2,23 @@
 ``export_tvm(activations="int8")``: exact on exactly quantized inputs, within the rounding bound
 on others (runtime_tests/conv_check.py)."""
 
-import numpy as np
 import pytest
 import torch
 import tvm
 
 from compressor.packed_model import PackingConfig, pack_model
-from compressor.packing import pack
 from exporters.tvm_conv import ConvShape
 from exporters.tvm_rewrite import to_relax
 from exporters.tvm_targets import host_cpu, host_target
 from exporters.tvm_vnni_conv import takes_vnni_conv, vnni_conv_kernel
 from exporters.tvm_vnni_kernel import target_has_vnni
-from runtime_tests.conv_check import SHAPES, ConvFront, assert_exact, assert_within_rounding_bound, int8_weight
+from runtime_tests.conv_check import (
+    SHAPES,
+    ConvFront,
+    assert_exact,
+    assert_takes_only,
+    assert_within_rounding_bound,
+)
 from runtime_tests.tvm_check import compare_with_torch
 
 needs_vnni = pytest.mark.skipif(not target_has_vnni(host_target()), reason="this CPU has no AVX-512 VNNI")
@@ -32,16 +36,9 @@ def test_kernel_stays_within_the_rounding_bound():
 
 
 def test_only_int8_weights_with_consecutive_width_taps_are_taken():
-    shape = SHAPES[0]
-    assert takes_vnni_conv(shape, int8_weight(shape, 5))
-    fp32 = pack(np.ones((shape.out_channels, shape.cols), np.float32), "dense")
     dilated = ConvShape(2, 3, 9, 13, 20, (3, 5), (1, 1), (1, 2, 1, 2), (1, 2))
     narrow = ConvShape(2, 3, 9, 13, 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
-    assert not takes_vnni_conv(shape, fp32)
-    assert not takes_vnni_conv(dilated, int8_weight(dilated, 5))
-    assert not takes_vnni_conv(narrow, int8_weight(narrow, 5))
-    with pytest.raises(ValueError, match="width dilation 1"):
-        vnni_conv_kernel(dilated, int8_weight(dilated, 5))
+    assert_takes_only(takes_vnni_conv, vnni_conv_kernel, [dilated, narrow], "width dilation 1")
 
 
 @needs_vnni
