@@ -183,6 +183,15 @@ def correlation_experiment(model: nn.Module, batches, loss, example, units: int 
 
 
 # ---------------------------------------------------------------------- 2. curves
+def evaluate_full(task, model: nn.Module) -> dict:
+    """``task.evaluate(model)`` on the whole test split, whatever ``task.eval_limit`` is."""
+    limit, task.eval_limit = task.eval_limit, None
+    try:
+        return task.evaluate(model)
+    finally:
+        task.eval_limit = limit
+
+
 def curve_experiment(base: nn.Module, task, example, criterion: str, every: int, per_prune: int, target: float,
                      steps: int, eval_every: int, metric: str, lr: float, desc: str,
                      grad_clip: float | None = None) -> tuple[dict, nn.Module]:
@@ -193,10 +202,7 @@ def curve_experiment(base: nn.Module, task, example, criterion: str, every: int,
     curve = prune_finetune(model, task, pruner, steps, lr=lr, grad_clip=grad_clip, eval_every=eval_every,
                            progress=True, desc=desc)
     small = pruner.shrink()
-    limit, task.eval_limit = task.eval_limit, None
-    final = task.evaluate(small)
-    task.eval_limit = limit
-    return {"points": [dict(p) for p in curve], "final": {**final, **pruner.remaining()},
+    return {"points": [dict(p) for p in curve], "final": {**evaluate_full(task, small), **pruner.remaining()},
             "rounds": len(pruner.history), "metric": metric}, small
 
 
@@ -281,15 +287,8 @@ def run_task(name: str, size: Size, log: RunLog | None = None) -> dict:
     latency = logged["Taylor FO"]["latency"]
     curves = {label: {k: v for k, v in c.items() if k != "latency"} for label, c in logged.items()}
 
-    def dense_full() -> dict:
-        limit, task.eval_limit = task.eval_limit, None
-        try:
-            return task.evaluate(model)
-        finally:
-            task.eval_limit = limit
-
     return {"checkpoint": "resnet8-fashion-mnist" if name == "images" else "ds2-mini-digits",
-            "dense": log.run(f"{name}/dense (full test split)", dense_full), "dense_subset": dense,
+            "dense": log.run(f"{name}/dense (full test split)", lambda: evaluate_full(task, model)), "dense_subset": dense,
             "correlation": correlation, "curves": curves, "latency": latency,
             "latency_input": list(latency_input[0].shape),
             "seconds": round(sum(r["seconds"] for k, r in log.runs.items() if k.startswith(f"{name}/")), 1)}
